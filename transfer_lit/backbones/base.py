@@ -1,0 +1,141 @@
+"""The backbone protocol: a headless network that carries its own metadata.
+
+A backbone maps images ``(B, 3, H, W)`` to pooled features ``(B, num_features)`` and describes
+itself with an ordered list of named blocks (input -> output) and, when its weights declare it,
+the preprocessing those weights expect. Everything else in transfer_lit (head width, parameter
+groups, layer-wise learning rates, progressive unfreezing, BatchNorm policy) reads only this.
+
+To plug in your own network, subclass :class:`Backbone`::
+
+    class MyNet(Backbone):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(16, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.num_features = 32
+
+        def forward(self, x):
+            return self.body(self.stem(x))
+
+and select it in YAML with ``class_path: my_package.MyNet``. Blocks default to the top-level
+children that hold parameters (here ``stem`` then ``body``); override :meth:`block_specs` for
+finer control.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from transfer_lit.preprocessing import Preprocessing
+
+BlockSpec = tuple[str, tuple[str, ...]]
+"""A block's name and the qualified-name prefixes (relative to the backbone) of what it holds."""
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+class Backbone(nn.Module):
+    """Base class of every backbone.
+
+    Subclasses set ``num_features`` in ``__init__`` and implement ``forward`` returning
+    ``(batch, num_features)``. They may set ``preprocessing`` (what their weights expect) and
+    override :meth:`block_specs`.
+    """
+
+    num_features: int
+    preprocessing: Preprocessing | None = None
+
+    def block_specs(self) -> list[BlockSpec]:
+        """Ordered blocks, input side first. Default: one block per top-level child with parameters.
+
+        Parameters registered directly on the backbone (not inside a child) form a leading ``stem``.
+        """
+        own = tuple(name for name, _ in self.named_parameters(recurse=False))
+        specs: list[BlockSpec] = [("stem", own)] if own else []
+        for name, child in self.named_children():
+            if any(True for _ in child.parameters()):
+                specs.append((name, (name,)))
+        return specs
+
+    def blocks(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters of each block, input side first; every parameter is in exactly one block.
+
+        Raises:
+            ValueError: if a parameter is in no block or in two, naming them.
+        """
+        specs = self.block_specs()
+        result: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict((name, []) for name, _ in specs)
+        if len(result) != len(specs):
+            raise ValueError(f"{type(self).__name__}.block_specs() repeats a block name: {[n for n, _ in specs]}")
+        orphans = []
+        for pname, param in self.named_parameters():
+            owners = [block for block, prefixes in specs if any(_matches(pname, p) for p in prefixes)]
+            if len(owners) > 1:
+                raise ValueError(f"parameter {pname!r} of {type(self).__name__} is in blocks {owners}; it must be in one")
+            if not owners:
+                orphans.append(pname)
+            else:
+                result[owners[0]].append((pname, param))
+        if orphans:
+            raise ValueError(f"{type(self).__name__}: parameters in no block: {orphans[:5]} ({len(orphans)} in all)")
+        empty = [name for name, params in result.items() if not params]
+        if empty:
+            raise ValueError(f"{type(self).__name__}: blocks with no parameters: {empty}")
+        return result
+
+    def block_names(self) -> list[str]:
+        """Block names, input side first (the names schedules and parameter groups use)."""
+        return [name for name, _ in self.block_specs()]
+
+    def block_modules(self, block: str) -> list[nn.Module]:
+        """Every submodule (recursively) that belongs to ``block``; used for BatchNorm policies."""
+        specs = dict(self.block_specs())
+        if block not in specs:
+            raise KeyError(f"unknown block {block!r}; valid blocks are {list(specs)}")
+        return [m for name, m in self.named_modules() if name and any(_matches(name, p) for p in specs[block])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ModuleBackbone(Backbone):
+    """Adapts any ``nn.Module`` that returns ``(batch, features)`` into a :class:`Backbone`.
+
+    Args:
+        module: the network; its top-level children become the blocks.
+        num_features: width of its output.
+        preprocessing: what its weights expect, if known (else the defaults apply).
+    """
+
+    def __init__(self, module: nn.Module, num_features: int, preprocessing: Preprocessing | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.num_features = num_features
+        self.preprocessing = preprocessing
+
+    def block_specs(self) -> list[BlockSpec]:
+        own = tuple(f"module.{n}" for n, _ in self.module.named_parameters(recurse=False))
+        specs: list[BlockSpec] = [("stem", own)] if own else []
+        specs += [(n, (f"module.{n}",)) for n, c in self.module.named_children() if any(True for _ in c.parameters())]
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def as_backbone(module: nn.Module) -> Backbone:
+    """Return ``module`` if it already is a :class:`Backbone`, else wrap it (it must have ``num_features``)."""
+    if isinstance(module, Backbone):
+        return module
+    num_features = getattr(module, "num_features", None)
+    if not isinstance(num_features, int) or num_features <= 0:
+        raise TypeError(
+            f"model.backbone: {type(module).__name__} is not a transfer_lit Backbone and has no positive integer "
+            f"`num_features` attribute (got {num_features!r}); subclass transfer_lit.Backbone or set num_features"
+        )
+    return ModuleBackbone(module, num_features, getattr(module, "preprocessing", None))

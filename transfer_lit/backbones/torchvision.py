@@ -1,0 +1,211 @@
+"""Any classification model of ``torchvision.models`` as a :class:`~transfer_lit.backbones.Backbone`."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from transfer_lit.backbones.base import Backbone, BlockSpec
+from transfer_lit.preprocessing import Preprocessing, preprocessing_from_torchvision
+
+_HASH_IN_FILENAME = re.compile(r"-([a-f0-9]+)\.")
+_OFFLINE_ENV = ("TRANSFER_LIT_OFFLINE", "HF_HUB_OFFLINE")
+
+
+class WeightsNotAvailableError(FileNotFoundError):
+    """A pretrained weight file is neither in the local cache nor downloadable."""
+
+
+def classification_models() -> list[str]:
+    """Names of every classification architecture torchvision provides."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _suggest(value: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(value, valid, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def _is_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pth", ".pt", ".th", ".ckpt", ".bin")) or os.path.exists(weights)
+
+
+def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None:
+    """Turn the ``weights`` config value into a torchvision enum member, a local file, or ``None``.
+
+    Args:
+        name: torchvision architecture name (``resnet50``).
+        weights: an enum member name (``IMAGENET1K_V2``), ``DEFAULT``, ``None`` for random init,
+            or the path of a local state-dict file.
+    """
+    models = classification_models()
+    if name not in models:
+        raise ValueError(
+            f"model.backbone.name={name!r} is not a torchvision classification model.{_suggest(name, models)} "
+            f"Valid names are torchvision.models.list_models(module=torchvision.models), e.g. {models[:6]}"
+        )
+    if weights is None or weights.lower() in ("none", "null", "random"):
+        return None
+    if _is_path(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.backbone.weights={weights!r}: no such file")
+        return path
+    enum = torchvision.models.get_model_weights(name)
+    if weights == "DEFAULT":
+        return enum.DEFAULT  # type: ignore[attr-defined]
+    valid = [w.name for w in enum]
+    if weights not in valid:
+        raise ValueError(
+            f"model.backbone.weights={weights!r} is not a weight set of {name}.{_suggest(weights, valid)} "
+            f"Valid values: {valid + ['DEFAULT', 'null (random init)', 'a path to a .pth file']}"
+        )
+    return enum[weights]
+
+
+def weight_file(weights: WeightsEnum) -> Path:
+    """Where torchvision caches the file of ``weights`` (``$TORCH_HOME/hub/checkpoints/<file>``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def verify_hash(path: Path) -> None:
+    """Check the SHA-256 prefix that torchvision embeds in its file names (``resnet50-0676ba61.pth``)."""
+    match = _HASH_IN_FILENAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ValueError(
+            f"weight file {path} is corrupt: its sha256 {digest.hexdigest()[:12]}... does not start with "
+            f"{match.group(1)!r} (the prefix in its name); delete it and fetch it again"
+        )
+
+
+def _online(url: str, timeout: float = 3.0) -> bool:
+    if any(os.environ.get(var, "") not in ("", "0") for var in _OFFLINE_ENV):
+        return False
+    host = urlparse(url).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def ensure_weight_file(weights: WeightsEnum) -> Path:
+    """Make sure the file of ``weights`` is in the local cache and intact; never hangs offline."""
+    path = weight_file(weights)
+    if not path.is_file():
+        if not _online(weights.url):
+            raise WeightsNotAvailableError(
+                f"model.backbone.weights={weights}: the file {path.name} is not in the torch hub cache and the "
+                f"network is unreachable. Download {weights.url} on a machine with internet and copy it to "
+                f"{path} (set TORCH_HOME to use another cache folder)."
+            )
+        torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+    verify_hash(path)
+    return path
+
+
+def _block_specs(name: str, model: nn.Module) -> list[BlockSpec]:
+    """Family-specific block lists; prefixes are relative to the torchvision model."""
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        return [("stem", ("conv1", "bn1"))] + [(f"layer{i}", (f"layer{i}",)) for i in range(1, 5)]
+    if name.startswith("vit_"):
+        layers = [(n, (f"encoder.layers.{n}",)) for n, _ in model.encoder.layers.named_children()]
+        return [("stem", ("conv_proj", "class_token", "encoder.pos_embedding")), *layers, ("norm", ("encoder.ln",))]
+    if name.startswith("regnet"):
+        trunk = [(n, (f"trunk_output.{n}",)) for n, _ in model.trunk_output.named_children()]
+        return [("stem", ("stem",)), *trunk]
+    specs: list[BlockSpec] = [("stem", tuple(n for n, _ in model.named_parameters(recurse=False)))]
+    for child_name, child in model.named_children():
+        if child_name == "features" and isinstance(child, nn.Sequential):
+            specs += [(f"features.{n}", (f"features.{n}",)) for n, c in child.named_children() if _has_params(c)]
+        elif _has_params(child):
+            specs.append((child_name, (child_name,)))
+    return [s for s in specs if s[1]]
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _strip_classifier(model: nn.Module) -> int:
+    """Replace the last ``nn.Linear`` (the ImageNet classifier) by identity; return its input width."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no final nn.Linear classifier; use a Backbone subclass instead")
+    qualified, last = linears[-1]
+    parent_name, _, child = qualified.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return last.in_features
+
+
+def _load_local_state(model: nn.Module, path: Path) -> None:
+    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.backbone.weights={str(path)!r} does not hold a state dict (got {type(state).__name__})")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    head_keys = [k for k in state if k not in expected]
+    state = {k: v for k, v in state.items() if k in expected}
+    missing = [k for k in expected if k not in state]
+    bad_shape = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if missing or bad_shape:
+        raise ValueError(
+            f"model.backbone.weights={str(path)!r} does not fit the backbone: missing {missing[:5]}, "
+            f"wrong shape {bad_shape[:5]} (ignored classifier keys: {head_keys[:5]})"
+        )
+    model.load_state_dict(state)
+
+
+class TorchvisionBackbone(Backbone):
+    """A torchvision classification model without its classifier.
+
+    Args:
+        name: architecture, any of ``torchvision.models.list_models(module=torchvision.models)``.
+        weights: ``DEFAULT``, an enum member name such as ``IMAGENET1K_V2``, ``null`` for random
+            init, or the path of a local state-dict file. Enum weights are read from the torch hub
+            cache (``$TORCH_HOME/hub/checkpoints``) and checked against their hash prefix.
+    """
+
+    def __init__(self, name: str = "resnet18", weights: str | None = "DEFAULT") -> None:
+        super().__init__()
+        resolved = resolve_weights(name, weights)
+        kwargs: dict[str, Any] = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+        if isinstance(resolved, WeightsEnum):
+            ensure_weight_file(resolved)
+            self.model = torchvision.models.get_model(name, weights=resolved, **kwargs)
+            self.preprocessing: Preprocessing | None = preprocessing_from_torchvision(resolved)
+        else:
+            self.model = torchvision.models.get_model(name, weights=None, **kwargs)
+            # No checkpoint metadata: the architecture's reference weights tell its native input size.
+            default = torchvision.models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
+            self.preprocessing = preprocessing_from_torchvision(default) if default is not None else None
+        self.name = name
+        self.weights = weights
+        self.num_features = _strip_classifier(self.model)
+        if isinstance(resolved, Path):
+            _load_local_state(self.model, resolved)
+
+    def block_specs(self) -> list[BlockSpec]:
+        return [(block, tuple(f"model.{p}" for p in prefixes)) for block, prefixes in _block_specs(self.name, self.model)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)

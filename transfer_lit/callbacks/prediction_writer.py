@@ -1,0 +1,54 @@
+"""Writes ``predict`` results to a CSV file: file, predicted class name, its probability."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
+
+
+class CSVPredictionWriter(BasePredictionWriter):
+    """Append one row per image to ``output`` (``output.rank<N>.csv`` on ranks other than 0).
+
+    Args:
+        output: CSV path; columns ``file,prediction,probability``.
+    """
+
+    def __init__(self, output: str = "predictions.csv") -> None:
+        super().__init__(write_interval="batch")
+        self.output = output
+        self._path: Path | None = None
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = Path(self.output)
+        if trainer.global_rank > 0:
+            path = path.with_suffix(f".rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerow(["file", "prediction", "probability"])
+        self._path = path
+
+    @override
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        assert self._path is not None
+        probs: torch.Tensor = prediction["probs"]
+        names = list(getattr(pl_module, "class_names", []))
+        if probs.ndim == 1:  # binary: probability of class 1
+            probs = torch.stack([1 - probs, probs], dim=1)
+        confidence, index = probs.max(dim=1)
+        with self._path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            for path, i, p in zip(prediction["paths"], index.tolist(), confidence.tolist(), strict=True):
+                writer.writerow([path, names[i] if i < len(names) else i, f"{p:.6f}"])
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"transfer_lit: predictions written to {self._path}")

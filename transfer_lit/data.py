@@ -1,0 +1,318 @@
+"""ImageDataModule: labelled image folders or CSV files, with the checkpoint's own transforms.
+
+Layouts accepted:
+
+* ``root/train/<class>/*.jpg``, ``root/val/<class>/...`` and optionally ``root/test/<class>/...``;
+* ``root/<class>/*.jpg`` (no ``train/``): a seeded, stratified ``val_fraction`` is held out;
+* CSV files with a header and columns ``path,label`` (paths relative to the CSV's folder).
+
+The transforms are built from :class:`~transfer_lit.preprocessing.Preprocessing`. When none is
+given, the module the trainer runs supplies its own (the backbone's weights metadata), so the
+data always matches the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from transfer_lit.images import IMAGE_EXTENSIONS, BadImageError, load_image, scan_images
+from transfer_lit.preprocessing import Augment, Preprocessing, build_eval_transform, build_train_transform
+
+Sample = tuple[str, int]
+BadImagePolicy = Literal["error", "skip"]
+
+
+class ImageDataset(Dataset):
+    """``(path, label)`` samples decoded with :func:`~transfer_lit.images.load_image`.
+
+    Args:
+        samples: file paths and integer labels (label -1 for unlabelled prediction inputs).
+        transform: applied to the RGB PIL image.
+        bad_images: ``error`` raises naming the file; ``skip`` returns ``None`` (dropped by the collate).
+        return_path: yield the path instead of the label (for ``predict``).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Any], torch.Tensor],
+        bad_images: BadImagePolicy = "error",
+        return_path: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.bad_images = bad_images
+        self.return_path = return_path
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any] | None:
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except BadImageError:
+            if self.bad_images == "skip":
+                return None
+            raise
+        return self.transform(image), (path if self.return_path else label)
+
+
+def collate_skipping_bad(batch: list[Any]) -> Any:
+    """Default collate after dropping samples the ``skip`` policy replaced by ``None``."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    return torch.utils.data.default_collate(kept)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def scan_class_folders(root: Path, key: str) -> dict[str, list[Path]]:
+    """``{class name: image paths}`` of an ImageFolder-style directory, with clear errors."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{key}={str(root)!r} has no class sub-folders; expected {root}/<class name>/<image files>")
+    found = {c: _list_images(root / c) for c in classes}
+    empty = [c for c, files in found.items() if not files]
+    if empty:
+        raise ValueError(
+            f"{key}={str(root)!r}: class folder(s) {empty} contain no images with extensions {list(IMAGE_EXTENSIONS)}"
+        )
+    return found
+
+
+def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
+    """Rows ``(path, label)`` of a CSV with a ``path,label`` header; relative paths are resolved against its folder."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={str(path)!r}: no such file")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{key}={str(path)!r} must have a header with columns 'path' and 'label', "
+                             f"got {reader.fieldnames}")
+        rows = [(path.parent / row["path"], row["label"]) for row in reader]
+    missing = [str(p) for p, _ in rows if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{key}={str(path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}")
+    return rows
+
+
+def stratified_split(by_class: dict[str, list[Path]], fraction: float, seed: int) -> tuple[dict, dict]:
+    """Hold out ``fraction`` of every class (at least one image where the class has two or more)."""
+    rng = random.Random(seed)
+    train, val = {}, {}
+    for name, files in by_class.items():
+        files = list(files)
+        rng.shuffle(files)
+        n_val = min(len(files) - 1, max(1, round(fraction * len(files)))) if len(files) > 1 else 0
+        val[name], train[name] = sorted(files[:n_val]), sorted(files[n_val:])
+    return train, val
+
+
+def few_shot(by_class: dict[str, list[Path]], samples_per_class: int, seed: int, key: str) -> dict[str, list[Path]]:
+    """Seeded subsample of ``samples_per_class`` images per class."""
+    short = {c: len(f) for c, f in by_class.items() if len(f) < samples_per_class}
+    if short:
+        raise ValueError(f"{key}={samples_per_class} but these classes have fewer training images: {short}")
+    rng = random.Random(seed)
+    return {c: sorted(rng.sample(list(files), samples_per_class)) for c, files in by_class.items()}
+
+
+def default_num_workers() -> int:
+    """One loader worker per core, keeping one core for the training process, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+class ImageDataModule(LightningDataModule):
+    """Labelled images for transfer learning.
+
+    Args:
+        root: folder with ``train/`` + ``val/`` (+ ``test/``) class folders, or class folders directly.
+        train_csv: CSV (``path,label``) of training images, instead of ``root``.
+        val_csv: CSV of validation images (else a stratified split of the training set).
+        test_csv: CSV of test images.
+        predict_root: folder of (unlabelled) images for ``predict``; searched recursively.
+        val_fraction: share of each class held out for validation when there is no ``val/`` or ``val_csv``.
+        samples_per_class: few-shot training: keep this many training images per class (seeded).
+        seed: seed of the split and the few-shot subsample.
+        batch_size: images per batch (per device).
+        num_workers: loader processes; ``None`` = one per core, keeping one for training.
+        augment: extra training augmentation: ``none``, ``trivialaugment`` or ``randaugment``.
+        bad_images: what to do with unreadable images: ``error`` (name the file) or ``skip`` (count them).
+        scan: decode every image before training to find all unreadable ones at once.
+        preprocessing: transforms' preprocessing; ``None`` = the module's (from its checkpoint).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_csv: str | None = None,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        predict_root: str | None = None,
+        val_fraction: float = 0.2,
+        samples_per_class: int | None = None,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        augment: Augment = "none",
+        bad_images: BadImagePolicy = "error",
+        scan: bool = False,
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
+        if samples_per_class is not None and samples_per_class <= 0:
+            raise ValueError(f"data.samples_per_class must be a positive integer, got {samples_per_class}")
+        if (root is None) == (train_csv is None) and predict_root is None:
+            raise ValueError("give exactly one of data.root or data.train_csv")
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
+        self.predict_root = predict_root
+        self.splits: dict[str, list[Sample]] = {}
+        self.class_names: list[str] = []
+        if root is not None or train_csv is not None:
+            self._index(root, train_csv, val_csv, test_csv, val_fraction, samples_per_class)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes found in the training data (linked to ``model.num_classes`` by the CLI)."""
+        return len(self.class_names)
+
+    def _index(self, root, train_csv, val_csv, test_csv, val_fraction, samples_per_class) -> None:
+        folders: dict[str, dict[str, list[Path]]] = {}
+        if root is not None:
+            base = Path(root).expanduser()
+            if not base.is_dir():
+                raise FileNotFoundError(f"data.root={root!r}: no such directory")
+            if (base / "train").is_dir():
+                for split in ("train", "val", "test"):
+                    if (base / split).is_dir():
+                        folders[split] = scan_class_folders(base / split, f"data.root ({split}/)")
+                if "val" not in folders:
+                    folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, self.seed)
+            elif (base / "val").is_dir() or (base / "test").is_dir():
+                raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder")
+            else:
+                folders["train"], folders["val"] = stratified_split(
+                    scan_class_folders(base, "data.root"), val_fraction, self.seed
+                )
+        else:
+            for split, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
+                if path is not None:
+                    grouped: dict[str, list[Path]] = defaultdict(list)
+                    for file, label in read_csv(Path(path).expanduser(), f"data.{split}_csv"):
+                        grouped[label].append(file)
+                    folders[split] = dict(sorted(grouped.items()))
+            if "val" not in folders:
+                folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, self.seed)
+        self.class_names = sorted(folders["train"])
+        for split in ("val", "test"):
+            extra = sorted(set(folders.get(split, {})) - set(self.class_names))
+            if extra:
+                raise ValueError(f"data: classes {extra} appear in {split} but not in train; train classes are "
+                                 f"{self.class_names}")
+        if samples_per_class is not None:
+            folders["train"] = few_shot(folders["train"], samples_per_class, self.seed, "data.samples_per_class")
+        index = {name: i for i, name in enumerate(self.class_names)}
+        for split, by_class in folders.items():
+            self.splits[split] = [(str(f), index[c]) for c, files in by_class.items() for f in files]
+        counts = {s: len(v) for s, v in self.splits.items()}
+        rank_zero_info(f"transfer_lit data: {len(self.class_names)} classes {self.class_names[:10]}, images {counts}")
+
+    def resolved_preprocessing(self) -> Preprocessing:
+        """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's)."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not isinstance(getattr(module, "preprocessing", None), Preprocessing):
+            raise RuntimeError("ImageDataModule needs `preprocessing` when it is not used with a TransferModule")
+        return module.preprocessing
+
+    def setup(self, stage: str) -> None:
+        if self.scan:
+            self.scan_bad_images()
+
+    def scan_bad_images(self) -> list[BadImageError]:
+        """Decode every image once; apply the ``bad_images`` policy to all failures at once."""
+        paths = [p for split in self.splits.values() for p, _ in split]
+        bad = scan_images(paths, num_workers=max(1, self.num_workers))
+        if bad and self.bad_images == "error":
+            listing = "\n  ".join(str(e) for e in bad[:20])
+            raise BadImageError(bad[0].path, f"{len(bad)} unreadable image(s) (data.bad_images='error'; "
+                                f"use 'skip' to leave them out):\n  {listing}")
+        if bad:
+            drop = {e.path for e in bad}
+            self.splits = {s: [x for x in v if x[0] not in drop] for s, v in self.splits.items()}
+            rank_zero_warn(f"transfer_lit data: skipped {len(bad)} unreadable image(s): {sorted(drop)[:5]}")
+        return bad
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise ValueError(f"no {split} data: add {split}/ under data.root or set data.{split}_csv")
+        p = self.resolved_preprocessing()
+        transform = build_train_transform(p, self.augment) if train else build_eval_transform(p)
+        dataset = ImageDataset(self.splits[split], transform, self.bad_images)
+        return self._dataloader(dataset, shuffle=train, drop_last=train and len(dataset) > self.batch_size)
+
+    def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skipping_bad,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_root is None:
+            raise ValueError("predict needs data.predict_root (a folder of images)")
+        root = Path(self.predict_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.predict_root={self.predict_root!r}: no such directory")
+        files = _list_images(root)
+        if not files:
+            raise ValueError(f"data.predict_root={self.predict_root!r} holds no images ({list(IMAGE_EXTENSIONS)})")
+        dataset = ImageDataset([(str(f), -1) for f in files], build_eval_transform(self.resolved_preprocessing()),
+                               self.bad_images, return_path=True)
+        return self._dataloader(dataset, shuffle=False)
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        """Images per class name in ``split``."""
+        counts = Counter(label for _, label in self.splits.get(split, []))
+        return {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}

@@ -1,0 +1,172 @@
+"""Reading image files into 8-bit RGB, and finding the files that cannot be read.
+
+Every image reaches the model through :func:`load_image`: it decodes the whole file (so a truncated
+JPEG fails here, not silently in a dataloader worker), applies the EXIF orientation, and converts
+every Pillow mode to 8-bit RGB without the classic mistakes (garbage colors under transparent
+pixels, 16-bit images clipped to white). :func:`scan_images` checks a whole dataset up front and
+reports every bad file at once.
+
+Truncated files are detected through Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``;
+this module never changes that flag (nor ``Image.MAX_IMAGE_PIXELS``), so if your own code sets it
+to True, truncated files are padded with gray by Pillow and pass.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "BAD_IMAGE_POLICIES",
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "load_image",
+    "scan_images",
+]
+
+# Same set as torchvision's ImageFolder (IMG_EXTENSIONS). ".gif" is left out, as ImageFolder does,
+# although load_image can read a GIF's first frame.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+# What a dataset does with a file load_image rejects: raise at once, or leave it out (and log it).
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+# Equal to 2 * Pillow's default Image.MAX_IMAGE_PIXELS, the size at which Image.open itself refuses.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# What Pillow raises for damaged files: decoders raise OSError/SyntaxError/ValueError, some
+# plugins also EOFError or struct.error on short headers. UnidentifiedImageError is an OSError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+class BadImageError(ValueError):
+    """A file that cannot be read as an image.
+
+    Args:
+        path: The file.
+        reason: Why it cannot be read, in words.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{self.path}': {reason}")
+
+    def __reduce__(self) -> tuple[type[BadImageError], tuple[str, str]]:
+        # The default pickling would call BadImageError(message) and fail; keep path and reason.
+        return type(self), (self.path, self.reason)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, apply its EXIF orientation and convert it to 8-bit RGB.
+
+    Transparent pixels (RGBA, LA, palette or grayscale with a transparent color) are composited onto
+    white; 16-bit grayscale is scaled to 8 bit (divided by 257), float images are clipped to [0, 255].
+
+    Args:
+        path: The image file.
+        max_pixels: Largest width * height accepted, checked from the header before decoding.
+
+    Returns:
+        A decoded RGB image, independent of the file.
+
+    Raises:
+        BadImageError: The file is missing, not an image, truncated or corrupt, or larger than max_pixels.
+    """
+    _check_max_pixels(max_pixels)
+    with warnings.catch_warnings():
+        # We enforce max_pixels ourselves; Pillow would warn for every image above MAX_IMAGE_PIXELS.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _load(os.fspath(path), max_pixels)
+
+
+def scan_images(
+    paths: Sequence[str | os.PathLike], max_pixels: int = DEFAULT_MAX_PIXELS, num_workers: int = 0
+) -> list[BadImageError]:
+    """Try to decode every file and return all failures at once.
+
+    Args:
+        paths: The files to check.
+        max_pixels: Passed to :func:`load_image`.
+        num_workers: Threads decoding in parallel (Pillow releases the GIL while decoding); 0 decodes
+            in the calling thread.
+
+    Returns:
+        One BadImageError per unreadable file, in the order of ``paths``; empty if all are readable.
+    """
+    _check_max_pixels(max_pixels)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 = no threads), got {num_workers}")
+
+    def check(path: str | os.PathLike) -> BadImageError | None:
+        try:
+            _load(os.fspath(path), max_pixels)
+        except BadImageError as error:
+            return error
+        return None
+
+    # One filter for the whole scan, set in this thread: catch_warnings inside worker threads would race.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if num_workers == 0:
+            results = [check(path) for path in paths]
+        else:
+            with ThreadPoolExecutor(max_workers=num_workers) as pool:
+                results = list(pool.map(check, paths))
+    return [error for error in results if error is not None]
+
+
+def _check_max_pixels(max_pixels: int) -> None:
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
+
+
+def _load(path: str, max_pixels: int) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImageError(
+                    path,
+                    f"{width}x{height} = {width * height} pixels is more than the limit of {max_pixels}; "
+                    "pass a larger max_pixels to read it",
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file (Pillow cannot identify its format)") from None
+    except Image.DecompressionBombError as error:
+        # Raised by Image.open itself, before max_pixels can be checked, above 2 * Image.MAX_IMAGE_PIXELS.
+        raise BadImageError(
+            path,
+            f"{error} To read it, raise max_pixels and also PIL.Image.MAX_IMAGE_PIXELS (Pillow refuses above twice it)",
+        ) from error
+    except BadImageError:
+        raise
+    except _DECODE_ERRORS as error:
+        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        # Color values under alpha 0 are arbitrary; dropping alpha would show them.
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in _16BIT_MODES:
+        # convert("L") would clip 16-bit values to 255 (a white image); scale instead.
+        return img.convert("I").point(lambda value: value / 257).convert("L").convert("RGB")
+    if img.mode == "F":
+        return img.convert("L").convert("RGB")  # Pillow's F -> L clips to [0, 255]
+    if img.mode != "RGB":
+        return img.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by the JPEG plugin), YCbCr
+    return img

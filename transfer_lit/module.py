@@ -1,0 +1,342 @@
+"""TransferModule: a pretrained backbone plus a new head, trained as a linear probe, fine-tuned, or
+progressively unfrozen, with named parameter groups and checkpoint-matched preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from transfer_lit.backbones.base import as_backbone
+from transfer_lit.heads import HeadFactory, LinearHead
+from transfer_lit.metrics import Task, build_confusion_matrix, build_metrics, format_report
+from transfer_lit.param_groups import LearningRatePolicy, build_param_groups, install_lr_gate, set_gate
+from transfer_lit.preprocessing import Preprocessing, resolve_preprocessing
+
+Mode = Literal["linear_probe", "finetune", "progressive"]
+BNPolicy = Literal["train", "eval", "frozen"]
+_MODES = ("linear_probe", "finetune", "progressive")
+_BN_POLICIES = ("train", "eval", "frozen")
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message says where."""
+
+
+def _given_hparams() -> bool:
+    """True when LightningCLI passes the parsed config as hyperparameters (objects then need no ignoring)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older/newer Lightning
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+class TransferModule(LightningModule):
+    """Backbone + new head for classification transfer learning.
+
+    Args:
+        backbone: a :class:`~transfer_lit.Backbone` (e.g. ``TorchvisionBackbone``) or any ``nn.Module``
+            with a ``num_features`` attribute that returns ``(batch, num_features)``.
+        num_classes: classes (``multiclass``; ``binary`` needs 2) or labels (``multilabel``).
+            The CLI fills it in from the data.
+        task: ``multiclass``, ``binary`` or ``multilabel``.
+        mode: ``linear_probe`` (backbone frozen, run in eval mode under no_grad), ``finetune`` (all
+            trainable) or ``progressive`` (starts frozen; a ``ProgressiveUnfreezing`` callback thaws blocks).
+        head: factory called as ``head(num_features, num_outputs)``.
+        optimizer: factory called with the named parameter groups (AdamW by default).
+        lr_scheduler: optional factory called with the optimizer.
+        scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
+        scheduler_monitor: metric ReduceLROnPlateau-style schedulers watch.
+        lr: learning rate of the head.
+        backbone_lr_mult: backbone (output-side block) LR = ``lr * backbone_lr_mult``.
+        layer_decay: each block closer to the input gets ``layer_decay`` x the LR of the next.
+        weight_decay: weight decay of the decay groups; norms, biases and tokens get none.
+        label_smoothing: label smoothing of the loss (0 = off).
+        class_weights: per-class loss weights (length ``num_classes``), for imbalanced data.
+        class_names: names of the classes, kept in the checkpoint; the CLI fills them from the data.
+        bn_policy: BatchNorm of frozen blocks: ``train`` (batch statistics, running stats updated),
+            ``eval`` (pretrained statistics, kept in eval mode; default) or ``frozen`` (every backbone
+            BatchNorm in eval mode with its affine parameters never trained, even once thawed).
+        preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
+            what the backbone's weights declare, which wins over the defaults.
+        check_finite: stop with a clear error as soon as the loss is NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        task: Task = "multiclass",
+        mode: Mode = "finetune",
+        head: HeadFactory = LinearHead,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val_loss",
+        lr: float = 1e-3,
+        backbone_lr_mult: float = 0.01,
+        layer_decay: float = 1.0,
+        weight_decay: float = 0.01,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+        class_names: list[str] | None = None,
+        bn_policy: BNPolicy = "eval",
+        preprocessing: dict[str, Any] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        objects = ["backbone", "head", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=[] if _given_hparams() else objects)
+        if mode not in _MODES:
+            raise ValueError(f"model.mode must be one of {list(_MODES)}, got {mode!r}")
+        if bn_policy not in _BN_POLICIES:
+            raise ValueError(f"model.bn_policy must be one of {list(_BN_POLICIES)}, got {bn_policy!r}")
+        if task == "binary" and num_classes != 2:
+            raise ValueError(f"model.num_classes must be 2 for task 'binary', got {num_classes}")
+        if num_classes < 2 and task == "multiclass":
+            raise ValueError(f"model.num_classes must be >= 2 for task 'multiclass', got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes={num_classes}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"model.class_weights has {len(class_weights)} values, expected num_classes={num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.backbone = as_backbone(backbone)
+        self.head = head(self.backbone.num_features, 1 if task == "binary" else num_classes)
+        self.task, self.mode, self.num_classes, self.bn_policy = task, mode, num_classes, bn_policy
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.policy = LearningRatePolicy(lr, backbone_lr_mult, layer_decay, weight_decay)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
+        self.label_smoothing, self.check_finite = label_smoothing, check_finite
+        self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
+        self.preprocessing: Preprocessing = resolve_preprocessing(preprocessing, self.backbone.preprocessing)
+        self.lr_scale = 1.0
+        self.frozen_blocks: set[str] = set()
+        self.manually_synced: list[nn.Parameter] = []
+        self.train_metrics = build_metrics(task, num_classes, "train")
+        self.val_metrics = build_metrics(task, num_classes, "val")
+        self.test_metrics = build_metrics(task, num_classes, "test")
+        self.test_confusion = build_confusion_matrix(task, num_classes)
+        self.last_test_report = ""
+        self.set_frozen_blocks(self.backbone.block_names() if mode != "finetune" else [])
+
+    # ----------------------------------------------------------------- freezing
+
+    @property
+    def gate_only(self) -> bool:
+        """Sharded strategies (FSDP, DeepSpeed) cannot change ``requires_grad`` after wrapping:
+        there, frozen blocks keep their gradients and are held still by a zero LR gate instead."""
+        trainer = self._trainer
+        return trainer is not None and type(trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed"))
+
+    def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
+        """Freeze exactly ``blocks`` (thaw every other backbone block): ``requires_grad``, BN mode, LR gate.
+
+        Args:
+            blocks: backbone block names, see ``self.backbone.block_names()``.
+        """
+        blocks = set(blocks)
+        names = self.backbone.block_names()
+        unknown = blocks - set(names)
+        if unknown:
+            raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {names}")
+        self.frozen_blocks = blocks
+        for block, params in self.backbone.blocks().items():
+            for _, p in params:
+                p.requires_grad_(self.gate_only or block not in blocks)
+        if self.bn_policy == "frozen":
+            for m in self.backbone.modules():
+                if isinstance(m, _BN_TYPES):
+                    m.requires_grad_(self.gate_only)
+        if self._trainer is not None and self.trainer.optimizers:
+            for block in names:
+                set_gate(self.trainer.optimizers[0], f"backbone.{block}", 0.0 if block in blocks else 1.0)
+        self.train(self.training)
+
+    @override
+    def train(self, mode: bool = True) -> TransferModule:
+        """Lightning calls ``.train()`` every epoch; frozen BatchNorm must stay in eval mode through it."""
+        super().train(mode)
+        if not mode:
+            return self
+        if self.mode == "linear_probe":
+            self.backbone.eval()
+            return self
+        eval_blocks = self.frozen_blocks if self.bn_policy == "eval" else set()
+        for block in eval_blocks:
+            for m in self.backbone.block_modules(block):
+                if isinstance(m, _BN_TYPES):
+                    m.eval()
+        if self.bn_policy == "frozen":
+            for m in self.backbone.modules():
+                if isinstance(m, _BN_TYPES):
+                    m.eval()
+        return self
+
+    # ----------------------------------------------------------------- forward and steps
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(batch, num_features)``; no graph is built in linear-probe mode."""
+        if self.mode == "linear_probe":
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (multiclass) or binary cross-entropy with logits, with smoothing and class weights."""
+        if self.task == "multiclass":
+            return F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        target_f = target.float().view_as(logits)
+        smoothed = target_f * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        losses = F.binary_cross_entropy_with_logits(logits.float(), smoothed, reduction="none")
+        if self.class_weights is not None:
+            weights = self.class_weights[target.long()].view_as(logits) if self.task == "binary" else self.class_weights
+            losses = losses * weights
+        return losses.mean()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax for multiclass, sigmoid otherwise (binary: probability of class 1, shape ``(batch,)``)."""
+        if self.task == "multiclass":
+            return logits.float().softmax(-1)
+        probs = logits.float().sigmoid()
+        return probs.squeeze(-1) if self.task == "binary" else probs
+
+    def shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        """Forward, loss and metric update for the ``train`` / ``val`` / ``test`` stages."""
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        if stage == "train" and self.check_finite and not torch.isfinite(loss):
+            raise NonFiniteLossError(self._non_finite_message(loss))
+        probs = self.probabilities(logits.detach())
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(probs, y)
+        if stage == "test":
+            self.test_confusion.update(probs if self.task != "binary" else (probs > 0.5).long(), y)
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
+        return loss
+
+    def _non_finite_message(self, loss: torch.Tensor) -> str:
+        where = f"at global step {self.global_step} (epoch {self.current_epoch})"
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                group = "head" if name.startswith("head.") else "backbone"
+                if self.trainer.optimizers:
+                    ids = {g.get("name"): {id(q) for q in g["params"]} for g in self.trainer.optimizers[0].param_groups}
+                    group = next((g for g, members in ids.items() if id(p) in members), group)
+                return (f"training loss is {loss.item()} {where}: parameter {name} of group {group!r} holds non-finite "
+                        f"values; lower model.lr / model.backbone_lr_mult or enable gradient clipping")
+        return (f"training loss is {loss.item()} {where}, but every parameter is finite: the input batch or the "
+                f"labels produced it; check the data (e.g. data.bad_images, label values)")
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        x, paths = batch
+        return {"paths": list(paths), "probs": self.probabilities(self(x))}
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        if self.task == "multilabel":
+            return
+        names = self.class_names if self.task == "multiclass" else self.class_names[:2]
+        self.last_test_report = format_report(self.test_confusion.compute().cpu(), names)
+        self.test_confusion.reset()
+        if self.trainer.is_global_zero:
+            print(self.last_test_report)
+
+    # ----------------------------------------------------------------- optimisation
+
+    @override
+    def setup(self, stage: str) -> None:
+        rank_zero_info(f"transfer_lit preprocessing: {self.preprocessing.to_dict()}")
+        if self.gate_only and self.mode == "progressive" and type(self.trainer.strategy).__name__.startswith("Deep"):
+            raise ValueError("model.mode='progressive' is not supported with DeepSpeed; use strategy ddp or fsdp")
+        self.set_frozen_blocks(self.frozen_blocks)
+        strategy = self.trainer.strategy
+        if type(strategy).__name__ == "DDPStrategy" and self.trainer.world_size > 1:
+            # DDP only all-reduces parameters that require grad when it wraps the model. Parameters frozen now
+            # may be thawed later: keep them out of DDP and all-reduce their gradients ourselves.
+            frozen = [(n, p) for n, p in self.named_parameters() if not p.requires_grad]
+            self._ddp_params_and_buffers_to_ignore = [n for n, _ in frozen]
+            self.manually_synced = [p for _, p in frozen]
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.manually_synced and torch.distributed.is_initialized():
+            for p in self.manually_synced:  # DDP does not broadcast what it ignores
+                torch.distributed.broadcast(p.data, src=0)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            if group.get("gate", 1.0) == 0.0:
+                for p in group["params"]:
+                    p.grad = None
+        grads = [p.grad for p in self.manually_synced if p.grad is not None]
+        if grads and torch.distributed.is_initialized():
+            flat = torch._utils._flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(synced)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        groups = build_param_groups(self.backbone, self.head, self.policy)
+        optimizer = self.optimizer_factory(groups)
+        install_lr_gate(optimizer, lambda: self.lr_scale)
+        for block in self.frozen_blocks:
+            set_gate(optimizer, f"backbone.{block}", 0.0)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.scheduler_monitor}
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ----------------------------------------------------------------- checkpoint
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["transfer_lit"] = {
+            "preprocessing": self.preprocessing.to_dict(),
+            "class_names": list(self.class_names),
+            "frozen_blocks": sorted(self.frozen_blocks),
+            "lr_scale": self.lr_scale,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("transfer_lit")
+        if state is None:
+            return
+        self.preprocessing = Preprocessing.from_dict(state["preprocessing"])
+        self.class_names = list(state["class_names"])
+        self.lr_scale = float(state["lr_scale"])
+        self.set_frozen_blocks(state["frozen_blocks"])

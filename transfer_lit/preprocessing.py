@@ -1,0 +1,165 @@
+"""The preprocessing a checkpoint expects, resolved once by one precedence rule.
+
+Explicit override > the checkpoint's own metadata > defaults. The result is a plain frozen
+dataclass that is logged, saved in the LightningModule checkpoint and turned into torchvision
+transforms by :func:`build_eval_transform` / :func:`build_train_transform`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.functional import InterpolationMode
+
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+Augment = Literal["none", "trivialaugment", "randaugment"]
+_INTERPOLATIONS: dict[str, InterpolationMode] = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a checkpoint expects of its input images.
+
+    Args:
+        resize_size: the shorter image side is resized to this before the centre crop (eval).
+        crop_size: side of the square crop fed to the network.
+        interpolation: resampling used for every resize.
+        mean: per-channel mean subtracted after scaling pixels to [0, 1].
+        std: per-channel standard deviation divided by after subtracting ``mean``.
+    """
+
+    resize_size: int
+    crop_size: int
+    interpolation: Interpolation
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        for key in ("resize_size", "crop_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"preprocessing.{key} must be a positive integer, got {value!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"preprocessing.interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if len(value) != 3:
+                raise ValueError(f"preprocessing.{key} must have 3 values (RGB), got {value!r}")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocessing.std must be positive, got {self.std!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-friendly form (what is stored in checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise ValueError(f"unknown preprocessing key(s) {sorted(unknown)}; valid keys are {sorted(valid)}")
+        return cls(**values)
+
+
+#: The last level of the precedence rule, for backbones whose weights carry no metadata
+#: (a user's own module, random init of an architecture torchvision has no weights for).
+#: These are the ImageNet statistics most torchvision and timm checkpoints were trained with.
+DEFAULT_PREPROCESSING = Preprocessing(
+    resize_size=256,
+    crop_size=224,
+    interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+
+
+def preprocessing_from_torchvision(weights: Any) -> Preprocessing:
+    """Read the preprocessing a torchvision ``WeightsEnum`` member declares.
+
+    The metadata lives in torchvision's code (``weights.transforms`` is a partial of
+    ``ImageClassification``), so this needs no download.
+    """
+    transform = weights.transforms()
+    for attr in ("resize_size", "crop_size", "mean", "std", "interpolation"):
+        if not hasattr(transform, attr):
+            raise ValueError(f"weights {weights} do not describe an image-classification transform (no {attr!r})")
+    interpolation = {mode: name for name, mode in _INTERPOLATIONS.items()}.get(transform.interpolation)
+    if interpolation is None:
+        raise ValueError(f"weights {weights} use unsupported interpolation {transform.interpolation}")
+    return Preprocessing(
+        resize_size=int(transform.resize_size[0]),
+        crop_size=int(transform.crop_size[0]),
+        interpolation=interpolation,
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+    )
+
+
+def resolve_preprocessing(
+    override: Mapping[str, Any] | Preprocessing | None = None,
+    checkpoint: Preprocessing | None = None,
+    default: Preprocessing = DEFAULT_PREPROCESSING,
+) -> Preprocessing:
+    """Apply the precedence rule: explicit override > checkpoint > default, field by field.
+
+    Args:
+        override: fields the user set explicitly (a partial dict is fine, e.g. ``{"crop_size": 160}``).
+        checkpoint: what the backbone's weights declare, if anything.
+        default: used for fields neither of the above sets.
+    """
+    base = checkpoint if checkpoint is not None else default
+    if override is None:
+        return base
+    values = override.to_dict() if isinstance(override, Preprocessing) else dict(override)
+    return Preprocessing.from_dict({**base.to_dict(), **{k: v for k, v in values.items() if v is not None}})
+
+
+def _to_float_normalized(p: Preprocessing) -> list[Callable[..., Any]]:
+    return [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(p.mean), std=list(p.std)),
+    ]
+
+
+def build_eval_transform(p: Preprocessing) -> v2.Compose:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalize: torchvision's eval recipe."""
+    interpolation = _INTERPOLATIONS[p.interpolation]
+    return v2.Compose(
+        [v2.Resize(p.resize_size, interpolation=interpolation, antialias=True), v2.CenterCrop(p.crop_size)]
+        + _to_float_normalized(p)
+    )
+
+
+def build_train_transform(p: Preprocessing, augment: Augment = "none") -> v2.Compose:
+    """RandomResizedCrop + horizontal flip (+ optional TrivialAugment / RandAugment) at the checkpoint's size.
+
+    Args:
+        p: resolved preprocessing; its crop size, interpolation and statistics are reused.
+        augment: extra policy applied on the PIL image before tensor conversion.
+    """
+    interpolation = _INTERPOLATIONS[p.interpolation]
+    steps: list[Callable[..., Any]] = [
+        v2.RandomResizedCrop(p.crop_size, interpolation=interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    elif augment == "randaugment":
+        steps.append(v2.RandAugment(interpolation=interpolation))
+    elif augment != "none":
+        raise ValueError(f"data.augment must be one of ['none', 'trivialaugment', 'randaugment'], got {augment!r}")
+    return v2.Compose(steps + _to_float_normalized(p))
