@@ -68,9 +68,8 @@ def _split(prefix: str, named: Iterable[tuple[str, nn.Parameter]], lr: float, wd
     if decay:
         groups.append({"name": prefix, "params": decay, "lr": lr, "weight_decay": wd, "block": prefix, "gate": 1.0})
     if no_decay:
-        groups.append(
-            {"name": f"{prefix}.no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0, "block": prefix, "gate": 1.0}
-        )
+        name = f"{prefix}.no_decay"
+        groups.append({"name": name, "params": no_decay, "lr": lr, "weight_decay": 0.0, "block": prefix, "gate": 1.0})
     return groups
 
 

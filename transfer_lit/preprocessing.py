@@ -46,7 +46,7 @@ class Preprocessing:
     def __post_init__(self) -> None:
         for key in ("resize_size", "crop_size"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"preprocessing.{key} must be a positive integer, got {value!r}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(
@@ -54,9 +54,13 @@ class Preprocessing:
             )
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if len(value) != 3:
+            try:  # a scalar or non-numbers (e.g. from YAML) get the same clear error as a wrong length
+                numbers = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                numbers = ()
+            if len(numbers) != 3:
                 raise ValueError(f"preprocessing.{key} must have 3 values (RGB), got {value!r}")
-            object.__setattr__(self, key, tuple(float(v) for v in value))
+            object.__setattr__(self, key, numbers)
         if any(s <= 0 for s in self.std):
             raise ValueError(f"preprocessing.std must be positive, got {self.std!r}")
 
@@ -139,8 +143,11 @@ def build_eval_transform(p: Preprocessing) -> v2.Compose:
     """Resize the shorter side, centre-crop, scale to [0, 1], normalize: torchvision's eval recipe."""
     interpolation = _INTERPOLATIONS[p.interpolation]
     return v2.Compose(
-        [v2.Resize(p.resize_size, interpolation=interpolation, antialias=True), v2.CenterCrop(p.crop_size)]
-        + _to_float_normalized(p)
+        [
+            v2.Resize(p.resize_size, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(p.crop_size),
+            *_to_float_normalized(p),
+        ]
     )
 
 

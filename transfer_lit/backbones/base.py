@@ -76,7 +76,9 @@ class Backbone(nn.Module):
         for pname, param in self.named_parameters():
             owners = [block for block, prefixes in specs if any(_matches(pname, p) for p in prefixes)]
             if len(owners) > 1:
-                raise ValueError(f"parameter {pname!r} of {type(self).__name__} is in blocks {owners}; it must be in one")
+                raise ValueError(
+                    f"parameter {pname!r} of {type(self).__name__} is in blocks {owners}; it must be in one"
+                )
             if not owners:
                 orphans.append(pname)
             else:

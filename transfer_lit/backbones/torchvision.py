@@ -69,7 +69,7 @@ def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None
     if weights not in valid:
         raise ValueError(
             f"model.backbone.weights={weights!r} is not a weight set of {name}.{_suggest(weights, valid)} "
-            f"Valid values: {valid + ['DEFAULT', 'null (random init)', 'a path to a .pth file']}"
+            f"Valid values: {[*valid, 'DEFAULT', 'null (random init)', 'a path to a .pth file']}"
         )
     return enum[weights]
 
@@ -133,8 +133,9 @@ def _block_specs(name: str, model: nn.Module) -> list[BlockSpec]:
         return [("stem", ("stem",)), *trunk]
     specs: list[BlockSpec] = [("stem", tuple(n for n, _ in model.named_parameters(recurse=False)))]
     for child_name, child in model.named_children():
-        if child_name == "features" and isinstance(child, nn.Sequential):
-            specs += [(f"features.{n}", (f"features.{n}",)) for n, c in child.named_children() if _has_params(c)]
+        if child_name in ("features", "layers") and isinstance(child, nn.Sequential):  # "layers": mnasnet
+            specs += [(f"{child_name}.{n}", (f"{child_name}.{n}",)) for n, c in child.named_children()
+                      if _has_params(c)]
         elif _has_params(child):
             specs.append((child_name, (child_name,)))
     return [s for s in specs if s[1]]
@@ -147,6 +148,12 @@ def _has_params(module: nn.Module) -> bool:
 def _strip_classifier(model: nn.Module) -> int:
     """Replace the last ``nn.Linear`` (the ImageNet classifier) by identity; return its input width."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    classifier = getattr(model, "classifier", None)
+    conv = classifier[1] if isinstance(classifier, nn.Sequential) and len(classifier) > 1 else None
+    if not linears and isinstance(conv, nn.Conv2d):
+        # SqueezeNet: dropout, 1x1 conv to the classes, ReLU, global pooling; keep only the pooling.
+        model.classifier = nn.AdaptiveAvgPool2d(1)
+        return conv.in_channels
     if not linears:
         raise ValueError(f"{type(model).__name__} has no final nn.Linear classifier; use a Backbone subclass instead")
     qualified, last = linears[-1]
@@ -160,7 +167,9 @@ def _load_local_state(model: nn.Module, path: Path) -> None:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"model.backbone.weights={str(path)!r} does not hold a state dict (got {type(state).__name__})")
+        raise ValueError(
+            f"model.backbone.weights={str(path)!r} does not hold a state dict (got {type(state).__name__})"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = model.state_dict()
     head_keys = [k for k in state if k not in expected]
@@ -205,7 +214,8 @@ class TorchvisionBackbone(Backbone):
             _load_local_state(self.model, resolved)
 
     def block_specs(self) -> list[BlockSpec]:
-        return [(block, tuple(f"model.{p}" for p in prefixes)) for block, prefixes in _block_specs(self.name, self.model)]
+        specs = _block_specs(self.name, self.model)
+        return [(block, tuple(f"model.{p}" for p in prefixes)) for block, prefixes in specs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
