@@ -116,7 +116,12 @@ def ensure_weight_file(weights: WeightsEnum) -> Path:
                 f"network is unreachable. Download {weights.url} on a machine with internet and copy it to "
                 f"{path} (set TORCH_HOME to use another cache folder)."
             )
-        torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60.0)  # a server that accepts but never answers must not hang the run
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+        finally:
+            socket.setdefaulttimeout(previous)
     verify_hash(path)
     return path
 
