@@ -26,6 +26,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer_lit.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, frozen_backbone, resolve_cache_features
 from transfer_lit.images import IMAGE_EXTENSIONS, BadImageError, load_image, scan_images
 from transfer_lit.preprocessing import Augment, Preprocessing, build_eval_transform, build_train_transform
 
@@ -39,7 +40,8 @@ class ImageDataset(Dataset):
     Args:
         samples: file paths and integer labels (label -1 for unlabelled prediction inputs).
         transform: applied to the RGB PIL image.
-        bad_images: ``error`` raises naming the file; ``skip`` returns ``None`` (dropped by the collate).
+        bad_images: ``error`` raises naming the file; ``skip`` returns ``None`` (dropped by the collate) and
+            marks the sample in ``skipped``, a flag per sample in shared memory that loader workers write to.
         return_path: yield the path instead of the label (for ``predict``).
     """
 
@@ -54,6 +56,11 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.bad_images = bad_images
         self.return_path = return_path
+        self.skipped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def skipped_paths(self) -> list[str]:
+        """Files the ``skip`` policy left out so far (in this process and its loader workers)."""
+        return [self.samples[i][0] for i in self.skipped.nonzero().flatten().tolist()]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,6 +71,7 @@ class ImageDataset(Dataset):
             image = load_image(path)
         except BadImageError:
             if self.bad_images == "skip":
+                self.skipped[index] = True
                 return None
             raise
         return self.transform(image), (path if self.return_path else label)
@@ -77,18 +85,34 @@ def collate_skipping_bad(batch: list[Any]) -> Any:
     return torch.utils.data.default_collate(kept)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """Image files under ``folder``; other non-hidden files (``.gif``, ``.txt``...) are appended to ``ignored``."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if ignored is not None:
+        ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def scan_class_folders(root: Path, key: str) -> dict[str, list[Path]]:
-    """``{class name: image paths}`` of an ImageFolder-style directory, with clear errors."""
+def describe_ignored(ignored: Sequence[Path]) -> str:
+    """``"; ignored 1 file(s) whose extension is not in [...]: {'.gif': 1}, e.g. [...]"`` for the data log line."""
+    if not ignored:
+        return ""
+    by_extension = dict(sorted(Counter(p.suffix.lower() or "(none)" for p in ignored).items()))
+    return (f"; ignored {len(ignored)} file(s) whose extension is not in {list(IMAGE_EXTENSIONS)}: {by_extension}, "
+            f"e.g. {[str(p) for p in sorted(ignored)[:3]]}")
+
+
+def scan_class_folders(root: Path, key: str, ignored: list[Path] | None = None) -> dict[str, list[Path]]:
+    """``{class name: image paths}`` of an ImageFolder-style directory, with clear errors.
+
+    Files with other extensions are left out, as ImageFolder does, and appended to ``ignored``.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{key}={str(root)!r} has no class sub-folders; expected {root}/<class name>/<image files>")
-    found = {c: _list_images(root / c) for c in classes}
+    found = {c: _list_images(root / c, ignored) for c in classes}
     empty = [c for c, files in found.items() if not files]
     if empty:
         raise ValueError(
@@ -158,6 +182,14 @@ class ImageDataModule(LightningDataModule):
         bad_images: what to do with unreadable images: ``error`` (name the file) or ``skip`` (count them).
         scan: decode every image before training to find all unreadable ones at once.
         preprocessing: transforms' preprocessing; ``None`` = the module's (from its checkpoint).
+        cache_features: linear probes only (``model.mode: linear_probe``): ``auto`` computes the frozen
+            backbone's validation features once and reuses them every epoch (results unchanged);
+            ``true`` also trains the head on cached features of the training images, transformed like
+            validation (resize + centre crop: no random crop, no flip; needs ``augment: none``), which
+            makes every epoch after the first near-instant; ``false`` always reads images.
+            Test and predict always read images; checkpoints hold the full backbone + head.
+        feature_cache_dir: folder that keeps cached features across runs (keyed by backbone weights,
+            preprocessing, precision and the files' paths, sizes and times); ``None`` = memory only.
     """
 
     def __init__(
@@ -176,6 +208,8 @@ class ImageDataModule(LightningDataModule):
         bad_images: BadImagePolicy = "error",
         scan: bool = False,
         preprocessing: Preprocessing | None = None,
+        cache_features: CacheFeatures = "auto",
+        feature_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -192,8 +226,13 @@ class ImageDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
         self.predict_root = predict_root
+        if cache_features not in (True, False, "auto"):
+            raise ValueError(f"data.cache_features must be true, false or 'auto', got {cache_features!r}")
+        self.cache_features = cache_features
+        self.feature_cache = FeatureCache(feature_cache_dir)
         self.splits: dict[str, list[Sample]] = {}
         self.class_names: list[str] = []
+        self._read: list[tuple[str, ImageDataset]] = []  # datasets of the current stage, for the skipped-images report
         if root is not None or train_csv is not None:
             self._index(root, train_csv, val_csv, test_csv, val_fraction, samples_per_class)
 
@@ -204,6 +243,7 @@ class ImageDataModule(LightningDataModule):
 
     def _index(self, root, train_csv, val_csv, test_csv, val_fraction, samples_per_class) -> None:
         folders: dict[str, dict[str, list[Path]]] = {}
+        ignored: list[Path] = []
         if root is not None:
             base = Path(root).expanduser()
             if not base.is_dir():
@@ -211,14 +251,14 @@ class ImageDataModule(LightningDataModule):
             if (base / "train").is_dir():
                 for split in ("train", "val", "test"):
                     if (base / split).is_dir():
-                        folders[split] = scan_class_folders(base / split, f"data.root ({split}/)")
+                        folders[split] = scan_class_folders(base / split, f"data.root ({split}/)", ignored)
                 if "val" not in folders:
                     folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, self.seed)
             elif (base / "val").is_dir() or (base / "test").is_dir():
                 raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder")
             else:
                 folders["train"], folders["val"] = stratified_split(
-                    scan_class_folders(base, "data.root"), val_fraction, self.seed
+                    scan_class_folders(base, "data.root", ignored), val_fraction, self.seed
                 )
         else:
             for split, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
@@ -241,7 +281,8 @@ class ImageDataModule(LightningDataModule):
         for split, by_class in folders.items():
             self.splits[split] = [(str(f), index[c]) for c, files in by_class.items() for f in files]
         counts = {s: len(v) for s, v in self.splits.items()}
-        rank_zero_info(f"transfer_lit data: {len(self.class_names)} classes {self.class_names[:10]}, images {counts}")
+        rank_zero_info(f"transfer_lit data: {len(self.class_names)} classes {self.class_names[:10]}, images {counts}"
+                       f"{describe_ignored(ignored)}")
 
     def resolved_preprocessing(self) -> Preprocessing:
         """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's)."""
@@ -253,8 +294,28 @@ class ImageDataModule(LightningDataModule):
         return module.preprocessing
 
     def setup(self, stage: str) -> None:
+        self._read = []
         if self.scan:
             self.scan_bad_images()
+
+    def skipped_images(self) -> dict[str, list[str]]:
+        """``{split: files}`` that ``bad_images='skip'`` left out while reading the current stage's data."""
+        skipped: dict[str, set[str]] = defaultdict(set)
+        for split, dataset in self._read:
+            skipped[split].update(dataset.skipped_paths())
+        order = ["train", "val", "test", "predict"]
+        return {split: sorted(skipped[split]) for split in sorted(skipped, key=order.index) if skipped[split]}
+
+    def teardown(self, stage: str) -> None:
+        skipped = self.skipped_images()
+        if skipped:
+            files = sorted({p for paths in skipped.values() for p in paths})
+            per_split = {split: len(paths) for split, paths in skipped.items()}
+            rank_zero_warn(
+                f"transfer_lit data: data.bad_images='skip' left out {len(files)} unreadable image(s) during "
+                f"{getattr(stage, 'value', stage)} {per_split}: {files[:10]}; data.scan=true lists them all before "
+                f"training"
+            )
 
     def scan_bad_images(self) -> list[BadImageError]:
         """Decode every image once; apply the ``bad_images`` policy to all failures at once."""
@@ -274,8 +335,22 @@ class ImageDataModule(LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"no {split} data: add {split}/ under data.root or set data.{split}_csv")
         p = self.resolved_preprocessing()
-        transform = build_train_transform(p, self.augment) if train else build_eval_transform(p)
-        dataset = ImageDataset(self.splits[split], transform, self.bad_images)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        cached = resolve_cache_features(self.cache_features, module, split, self.augment)
+        transform = build_train_transform(p, self.augment) if train and not cached else build_eval_transform(p)
+        images = ImageDataset(self.splits[split], transform, self.bad_images)
+        self._read.append((split, images))
+        dataset: Dataset = images
+        if cached:
+            loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                             "collate_fn": collate_skipping_bad, "pin_memory": torch.cuda.is_available()}
+            entry = self.feature_cache.features(self.trainer, frozen_backbone(module), dataset, self.splits[split], p,
+                                                loader_kwargs, split)
+            dataset = FeatureDataset(entry, self.splits[split])
+            # Features are in memory already: worker processes would only add start-up and IPC cost.
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train,
+                              drop_last=train and len(dataset) > self.batch_size,
+                              pin_memory=torch.cuda.is_available())
         return self._dataloader(dataset, shuffle=train, drop_last=train and len(dataset) > self.batch_size)
 
     def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
@@ -310,6 +385,7 @@ class ImageDataModule(LightningDataModule):
             raise ValueError(f"data.predict_root={self.predict_root!r} holds no images ({list(IMAGE_EXTENSIONS)})")
         dataset = ImageDataset([(str(f), -1) for f in files], build_eval_transform(self.resolved_preprocessing()),
                                self.bad_images, return_path=True)
+        self._read.append(("predict", dataset))
         return self._dataloader(dataset, shuffle=False)
 
     def class_counts(self, split: str = "train") -> dict[str, int]:

@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from transfer_lit.backbones.base import as_backbone
+from transfer_lit.checkpoint_check import check_checkpoint_fits
+from transfer_lit.feature_cache import CachedFeatures
 from transfer_lit.heads import HeadFactory, LinearHead
 from transfer_lit.metrics import Task, build_confusion_matrix, build_metrics, format_report
 from transfer_lit.param_groups import LearningRatePolicy, build_param_groups, install_lr_gate, set_gate
@@ -38,6 +41,12 @@ def _given_hparams() -> bool:
     except ImportError:  # pragma: no cover - older/newer Lightning
         return False
     return _given_hyperparameters.get() is not None
+
+
+def _convolutional(backbone: nn.Module) -> bool:
+    """True when most of the backbone's parameters are in 2-D convolutions (ResNet, MobileNet; not ViT)."""
+    conv = sum(p.numel() for m in backbone.modules() if isinstance(m, nn.Conv2d) for p in m.parameters(False))
+    return conv * 2 > sum(p.numel() for p in backbone.parameters())
 
 
 class TransferModule(LightningModule):
@@ -69,6 +78,12 @@ class TransferModule(LightningModule):
         preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
             what the backbone's weights declare, which wins over the defaults.
         check_finite: stop with a clear error as soon as the loss is NaN or infinite.
+        compile: ``torch.compile`` every backbone block separately (opt-in; the first steps are slow while
+            it compiles). Thawing a block changes its ``requires_grad`` and recompiles that block only, once
+            per phase, so progressive unfreezing stays compiled. Checkpoint keys are unchanged.
+
+    On CUDA, convolutional backbones (most parameters in ``Conv2d``) run in ``channels_last`` memory
+    format, which is what cuDNN's fastest kernels want; on CPU nothing changes.
     """
 
     def __init__(
@@ -92,6 +107,7 @@ class TransferModule(LightningModule):
         bn_policy: BNPolicy = "eval",
         preprocessing: dict[str, Any] | None = None,
         check_finite: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         objects = ["backbone", "head", "optimizer", "lr_scheduler"]
@@ -118,6 +134,7 @@ class TransferModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
         self.label_smoothing, self.check_finite = label_smoothing, check_finite
+        self.compile_blocks, self.channels_last = compile, False
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
         self.preprocessing: Preprocessing = resolve_preprocessing(preprocessing, self.backbone.preprocessing)
         self.lr_scale = 1.0
@@ -137,7 +154,7 @@ class TransferModule(LightningModule):
         """Sharded strategies (FSDP, DeepSpeed) cannot change ``requires_grad`` after wrapping:
         there, frozen blocks keep their gradients and are held still by a zero LR gate instead."""
         trainer = self._trainer
-        return trainer is not None and type(trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed"))
+        return trainer is not None and isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
 
     def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
         """Freeze exactly ``blocks`` (thaw every other backbone block): ``requires_grad``, BN mode, LR gate.
@@ -150,6 +167,7 @@ class TransferModule(LightningModule):
         unknown = blocks - set(names)
         if unknown:
             raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {names}")
+        thawed_now = self.frozen_blocks - blocks
         self.frozen_blocks = blocks
         for block, params in self.backbone.blocks().items():
             for _, p in params:
@@ -159,8 +177,15 @@ class TransferModule(LightningModule):
                 if isinstance(m, _BN_TYPES):
                     m.requires_grad_(self.gate_only)
         if self._trainer is not None and self.trainer.optimizers:
+            optimizer = self.trainer.optimizers[0]
             for block in names:
-                set_gate(self.trainer.optimizers[0], f"backbone.{block}", 0.0 if block in blocks else 1.0)
+                set_gate(optimizer, f"backbone.{block}", 0.0 if block in blocks else 1.0)
+            if self.gate_only:  # frozen, they took zero-gradient steps (see on_before_optimizer_step): start afresh
+                for block in thawed_now:
+                    for _, p in self.backbone.blocks()[block]:
+                        for value in optimizer.state.get(p, {}).values():
+                            if isinstance(value, torch.Tensor):
+                                value.zero_()
         self.train(self.training)
 
     @override
@@ -187,6 +212,8 @@ class TransferModule(LightningModule):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(batch, num_features)``; no graph is built in linear-probe mode."""
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.mode == "linear_probe":
             with torch.no_grad():
                 return self.backbone(x)
@@ -215,13 +242,16 @@ class TransferModule(LightningModule):
         probs = logits.float().sigmoid()
         return probs.squeeze(-1) if self.task == "binary" else probs
 
-    def shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+    def shared_step(self, batch: Any, stage: str) -> torch.Tensor | None:
         """Forward, loss and metric update for the ``train`` / ``val`` / ``test`` stages."""
+        if batch is None:  # every image of the batch was unreadable and data.bad_images='skip' left it out
+            return None
         x, y = batch
-        logits = self(x)
+        # Cached features (data.cache_features) come from this frozen backbone already: only the head runs.
+        logits = self.head(x) if isinstance(batch, CachedFeatures) else self(x)
         loss = self.loss(logits, y)
         if stage == "train" and self.check_finite and not torch.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message(loss))
+            raise NonFiniteLossError(self._non_finite_message(loss, x))
         probs = self.probabilities(logits.detach())
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(probs, y)
@@ -231,21 +261,32 @@ class TransferModule(LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
         return loss
 
-    def _non_finite_message(self, loss: torch.Tensor) -> str:
-        where = f"at global step {self.global_step} (epoch {self.current_epoch})"
+    def _group_of(self, param: nn.Parameter, name: str) -> tuple[str, float | None]:
+        """Name and learning rate of the optimizer group holding ``param``."""
+        for group in self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []:
+            if any(q is param for q in group["params"]):
+                return str(group.get("name", "?")), float(group["lr"])
+        return ("head" if name.startswith("head.") else "backbone"), None
+
+    def _non_finite_message(self, loss: torch.Tensor, x: torch.Tensor) -> str:
+        where = f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch})"
+        fix = "lower model.lr / model.backbone_lr_mult or clip gradients (trainer.gradient_clip_val)"
         for name, p in self.named_parameters():
             if not torch.isfinite(p).all():
-                group = "head" if name.startswith("head.") else "backbone"
-                if self.trainer.optimizers:
-                    ids = {g.get("name"): {id(q) for q in g["params"]} for g in self.trainer.optimizers[0].param_groups}
-                    group = next((g for g, members in ids.items() if id(p) in members), group)
-                return (f"training loss is {loss.item()} {where}: parameter {name} of group {group!r} holds non-finite "
-                        f"values; lower model.lr / model.backbone_lr_mult or enable gradient clipping")
-        return (f"training loss is {loss.item()} {where}, but every parameter is finite: the input batch or the "
-                f"labels produced it; check the data (e.g. data.bad_images, label values)")
+                group, lr = self._group_of(p, name)
+                return f"{where}: parameter {name} of group {group!r} (lr {lr}) holds non-finite values; {fix}"
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            return (f"{where}: the input batch holds {bad} non-finite value(s) of {x.numel()}, with finite weights; "
+                    f"check the data and the preprocessing (a tiny preprocessing.std overflows)")
+        name, p = max(self.named_parameters(), key=lambda item: float(item[1].detach().abs().max()))
+        group, lr = self._group_of(p, name)
+        largest = float(p.detach().abs().max())
+        return (f"{where}: inputs and weights are finite but the forward pass overflowed; the largest weights, "
+                f"|w| = {largest:.3g}, are in parameter {name} of group {group!r} (lr {lr}); {fix}")
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self.shared_step(batch, "train")
 
     @override
@@ -258,6 +299,8 @@ class TransferModule(LightningModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if batch is None:  # every image of the batch was skipped (data.bad_images='skip')
+            return {"paths": [], "probs": torch.empty(0, self.num_classes)}
         x, paths = batch
         return {"paths": list(paths), "probs": self.probabilities(self(x))}
 
@@ -276,11 +319,22 @@ class TransferModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         rank_zero_info(f"transfer_lit preprocessing: {self.preprocessing.to_dict()}")
-        if self.gate_only and self.mode == "progressive" and type(self.trainer.strategy).__name__.startswith("Deep"):
+        if self.mode == "progressive" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             raise ValueError("model.mode='progressive' is not supported with DeepSpeed; use strategy ddp or fsdp")
         self.set_frozen_blocks(self.frozen_blocks)
         strategy = self.trainer.strategy
-        if type(strategy).__name__ == "DDPStrategy" and self.trainer.world_size > 1:
+        if strategy.root_device.type == "cuda" and not self.channels_last and _convolutional(self.backbone):
+            self.backbone.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if self.compile_blocks and not getattr(self, "_compiled", False):
+            # One graph per (frozen blocks, train/eval) combination: room for a recompile at every thaw.
+            limit = 2 * len(self.backbone.block_names()) + 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+            self.backbone.compile(dynamic=False)
+            self._compiled = True
+        # isinstance: ddp_spawn and user subclasses are DDP too; DeepSpeedStrategy subclasses DDPStrategy but is not.
+        ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        if ddp and self.trainer.world_size > 1:
             # DDP only all-reduces parameters that require grad when it wraps the model. Parameters frozen now
             # may be thawed later: keep them out of DDP and all-reduce their gradients ourselves.
             frozen = [(n, p) for n, p in self.named_parameters() if not p.requires_grad]
@@ -295,10 +349,16 @@ class TransferModule(LightningModule):
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for group in optimizer.param_groups:
-            if group.get("gate", 1.0) == 0.0:
-                for p in group["params"]:
-                    p.grad = None
+        held = [p for group in optimizer.param_groups if group.get("gate", 1.0) == 0.0 for p in group["params"]]
+        if self.gate_only and self.bn_policy == "frozen":  # BatchNorm shares its block's gate
+            held += [p for m in self.backbone.modules() if isinstance(m, _BN_TYPES) for p in m.parameters(False)]
+        for p in held:
+            if not self.gate_only:
+                p.grad = None
+            elif p.grad is not None:
+                # FSDP's optimizer state dict needs state for every parameter of a sharded unit, so held
+                # parameters take zero-gradient steps: no update (zero LR or zero moments), zero state.
+                p.grad.zero_()
         grads = [p.grad for p in self.manually_synced if p.grad is not None]
         if grads and torch.distributed.is_initialized():
             flat = torch._utils._flatten_dense_tensors(grads)
@@ -311,7 +371,7 @@ class TransferModule(LightningModule):
     def configure_optimizers(self) -> Any:
         groups = build_param_groups(self.backbone, self.head, self.policy)
         optimizer = self.optimizer_factory(groups)
-        install_lr_gate(optimizer, lambda: self.lr_scale)
+        install_lr_gate(optimizer, lambda: self.lr_scale, drop_frozen_grads=not self.gate_only)
         for block in self.frozen_blocks:
             set_gate(optimizer, f"backbone.{block}", 0.0)
         if self.scheduler_factory is None:
@@ -333,6 +393,8 @@ class TransferModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.gate_only:  # sharded strategies hold flattened shards: shapes cannot be compared
+            check_checkpoint_fits(checkpoint, self)
         state = checkpoint.get("transfer_lit")
         if state is None:
             return

@@ -94,11 +94,12 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
     return groups
 
 
-def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float]) -> None:
+def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float], drop_frozen_grads: bool = True) -> None:
     """Apply ``gate x lr_scale()`` to each group's LR for the duration of ``optimizer.step()`` only.
 
-    Groups whose gate is 0 also have their gradients dropped first, so the optimizer keeps no state
-    for them (relevant where frozen parameters still receive gradients, e.g. under FSDP).
+    With ``drop_frozen_grads``, groups whose gate is 0 also have their gradients dropped first, so the
+    optimizer keeps no state for them. FSDP needs them kept (its optimizer state dict wants state for
+    every parameter of a sharded unit): there the module zeroes those gradients instead.
     """
     saved: list[float] = []
 
@@ -108,7 +109,7 @@ def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float]) -> None
         for group in opt.param_groups:
             saved.append(group["lr"])
             gate = group.get("gate", 1.0)
-            if gate == 0.0:
+            if gate == 0.0 and drop_frozen_grads:
                 for p in group["params"]:
                     p.grad = None
             group["lr"] = group["lr"] * gate * scale

@@ -1,5 +1,7 @@
 """Callbacks."""
 
+from transfer_lit.callbacks.fault_tolerance import FaultTolerance
 from transfer_lit.callbacks.prediction_writer import CSVPredictionWriter
+from transfer_lit.callbacks.progressive import ProgressiveUnfreezing
 
-__all__ = ["CSVPredictionWriter"]
+__all__ = ["CSVPredictionWriter", "FaultTolerance", "ProgressiveUnfreezing"]

@@ -1,0 +1,252 @@
+"""Nothing lost: SIGTERM / Ctrl-C write a resumable checkpoint, a SIGKILL mid-write never corrupts one.
+
+The CLI runs in subprocesses (killed by real signals from outside) and in-process (signals sent by a
+callback at an exact batch, for the cases that need precise timing). A run is checked by its CSVLogger
+metrics across all logger versions: every epoch validated exactly once, every training step once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import multiprocessing
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_folder
+
+from transfer_lit.callbacks.fault_tolerance import capture_rng, find_last_checkpoint, restore_rng
+from transfer_lit.checkpoint_io import AtomicCheckpointIO, temp_path
+from transfer_lit.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TESTS = Path(__file__).resolve().parent
+STEPS_PER_EPOCH = 6  # 3 classes x 8 training images, batch size 4
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("interrupts") / "images", {"train": 8, "val": 4}, size=20)
+
+
+def fit_args(images: Path, run_dir: Path, epochs: int, *extra: str) -> list[str]:
+    return [
+        "fit", "--data.root", str(images), "--data.batch_size", "4", "--data.num_workers", "0",
+        "--model.backbone", "cli_tiny_backbone.TinyCLIBackbone",
+        "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
+        *extra,
+    ]
+
+
+def versions(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def assert_continuous(run_dir: Path, epochs: int) -> None:
+    """Across every logger version: each epoch validated once, in order; each training step logged once."""
+    val_epochs, steps = [], []
+    for version in versions(run_dir):
+        with (version / "metrics.csv").open() as f:
+            for row in csv.DictReader(f):
+                if row.get("val_acc"):
+                    val_epochs.append(int(row["epoch"]))
+                if row.get("train_loss_step"):
+                    steps.append(int(row["step"]))
+    assert val_epochs == list(range(epochs))
+    assert steps == list(range(epochs * STEPS_PER_EPOCH))
+
+
+def final_checkpoint(run_dir: Path) -> dict[str, Any]:
+    return torch.load(versions(run_dir)[-1] / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+
+
+# ----------------------------------------------------------------- real signals, real processes
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "TRANSFER_LIT_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=_env(), cwd=log.parent)
+
+
+def _signal_when(process: subprocess.Popen[bytes], ready: Path, signum: int, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while not ready.is_file():
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before {ready} appeared"
+        assert time.monotonic() < deadline, f"{ready} did not appear within {timeout} s"
+        time.sleep(0.05)
+    process.send_signal(signum)
+    return process.wait(timeout=timeout)
+
+
+def test_sigterm_then_ctrl_c_then_resume_completes_the_run(images: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    epochs, run_dir = 4, tmp_path / "run"
+    cli = [sys.executable, "-m", "transfer_lit"]
+    slow = ("--model.backbone.delay", "0.1")  # each forward sleeps: an epoch takes ~1 s, long enough to hit
+    first = _start([*cli, *fit_args(images, run_dir, epochs, *slow)], tmp_path / "first.log")
+    assert _signal_when(first, run_dir / "lightning_logs/version_0/checkpoints/last.ckpt", signal.SIGTERM) == 143
+    log = (tmp_path / "first.log").read_text()
+    interrupted = run_dir / "lightning_logs/version_0/checkpoints/interrupted.ckpt"
+    assert interrupted.is_file() and "Traceback" not in log
+    # The message ends with the exact command to resume; run it as printed.
+    resume = shlex.split(log[log.index("resume with:\n") :].splitlines()[1])
+    assert resume[0] == "transfer-lit" and resume[-2:] == ["--ckpt_path", str(interrupted)]
+    second = _start([*cli, *resume[1:]], tmp_path / "second.log")
+    assert _signal_when(second, run_dir / "lightning_logs/version_1/checkpoints/last.ckpt", signal.SIGINT) == 130
+    assert "SIGINT: training stopped and saved" in (tmp_path / "second.log").read_text()
+
+    main(fit_args(images, run_dir, epochs, "--ckpt_path", "last"))  # in-process: spares a third start-up
+    assert f"--ckpt_path last = {run_dir / 'lightning_logs/version_1/checkpoints/interrupted.ckpt'}" in (
+        capsys.readouterr().err
+    )
+    assert_continuous(run_dir, epochs)
+    final = final_checkpoint(run_dir)
+    assert (final["epoch"], final["global_step"]) == (epochs - 1, epochs * STEPS_PER_EPOCH)
+
+
+# ----------------------------------------------------------------- signals at an exact batch, in-process
+
+
+def _stop_with(images: Path, run_dir: Path, epochs: int, **send: Any) -> SystemExit:
+    options = [f"--trainer.callbacks.{key}={value}" for key, value in send.items()]
+    with pytest.raises(SystemExit) as stop:
+        main(fit_args(images, run_dir, epochs, "--trainer.callbacks+=cli_tiny_backbone.SendSignal", *options))
+    return stop.value
+
+
+def test_sigterm_during_validation_finishes_it_and_the_resumed_run_is_continuous(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Lightning skips the rest of a validation stopped half-way when it resumes: that epoch would have no val row.
+    stop = _stop_with(images, tmp_path, 3, signum=int(signal.SIGTERM), epoch=1, stage="validate", batch=0)
+    assert stop.code == 143
+    saved = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/interrupted.ckpt", weights_only=False)
+    assert saved["global_step"] == 2 * STEPS_PER_EPOCH  # stopped at the end of epoch 1, validation included
+    assert "SIGTERM: training stopped and saved" in capsys.readouterr().err
+    main(fit_args(images, tmp_path, 3, "--ckpt_path", "last"))
+    assert_continuous(tmp_path, 3)
+
+
+def test_second_ctrl_c_aborts_at_once_without_saving(images: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    stop = _stop_with(images, tmp_path, 2, signum=int(signal.SIGINT), epoch=0, stage="train", batch=1, count=2)
+    assert stop.code == 130
+    assert not (tmp_path / "lightning_logs/version_0/checkpoints/interrupted.ckpt").exists()
+    assert "stopped without saving a new checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling given back
+
+
+# ----------------------------------------------------------------- exact resume and atomic writes
+
+
+class _BlockWhilePickled:
+    """Pickling this (inside torch.save) announces it through ``flag`` and then hangs, to be killed mid-write."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.flag.write_text("writing")
+        time.sleep(120)
+        raise AssertionError("should have been killed")
+
+
+def _write_forever(path: Path, flag: Path) -> None:
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "x": _BlockWhilePickled(flag)}, path)
+
+
+def _kill_during_write(path: Path, tmp_path: Path) -> Path:
+    flag = tmp_path / "writing"
+    child = multiprocessing.get_context("fork").Process(target=_write_forever, args=(path, flag))
+    child.start()
+    deadline = time.monotonic() + 60
+    while not flag.exists():
+        assert child.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    return path.with_name(f".{path.name}.{child.pid}.tmp")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sigkill_mid_write_keeps_last_and_resuming_it_equals_the_uninterrupted_run(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(fit_args(images, tmp_path / "straight", 3))
+    main(fit_args(images, tmp_path / "resumed", 2))
+    last = tmp_path / "resumed/lightning_logs/version_0/checkpoints/last.ckpt"
+    before = _sha(last)
+
+    partial = _kill_during_write(last, tmp_path)
+    assert partial.is_file()  # the killed write's temp file is left behind ...
+    assert _sha(last) == before  # ... and last.ckpt is untouched
+    assert torch.load(last, weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
+
+    capsys.readouterr()
+    main(fit_args(images, tmp_path / "resumed", 3, "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert f"--ckpt_path last = {last}" in err and f"removed {partial.name}" in err
+    assert not partial.exists()
+    # Weights, optimizer and RNG state resume exactly: the same shuffles and crops, bit for bit.
+    straight, resumed = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
+    assert straight["global_step"] == resumed["global_step"] == 3 * STEPS_PER_EPOCH
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert_continuous(tmp_path / "resumed", 3)
+
+
+def test_atomic_write_replaces_and_cleans_up(tmp_path: Path) -> None:
+    target = tmp_path / "ckpts" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, target)
+    io.save_checkpoint({"step": 2}, target)
+    assert torch.load(target, weights_only=True) == {"step": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temp file left
+    assert temp_path(target).parent == target.parent  # same filesystem: os.replace is atomic
+
+
+def test_find_last_checkpoint_prefers_the_newest_across_versions(images: Path, tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    old = tmp_path / "lightning_logs/version_0/checkpoints"
+    new = tmp_path / "lightning_logs/version_1/checkpoints"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+    (old / "last.ckpt").write_bytes(b"0")
+    time.sleep(0.01)
+    (new / "interrupted.ckpt").write_bytes(b"1")
+    (new / ".last.ckpt.123.tmp").write_bytes(b"partial")
+    trainer = Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path)
+    assert find_last_checkpoint(trainer) == new / "interrupted.ckpt"
+
+
+def test_rng_state_round_trips_and_loads_with_weights_only(tmp_path: Path) -> None:
+    state = capture_rng()
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save(state, tmp_path / "rng.pt")  # LightningCLI reads checkpoints with weights_only=True
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
