@@ -1,0 +1,194 @@
+"""The ``transfer-lit`` command: entry points, help, user errors without tracebacks, subcommands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COLORS, make_image_folder
+
+from transfer_lit import ImageDataModule, TransferModule
+from transfer_lit.cli import TransferCLI, main
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+SCRIPT = Path(sys.executable).with_name("transfer-lit")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TRANSFER_LIT_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("cli") / "images", {"train": 8, "val": 4, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def trained(images: Path) -> tuple[list[str], Path]:
+    """The debug recipe fitted once: its common arguments and its last checkpoint."""
+    common = ["--config", str(DEBUG), "--data.root", str(images),
+              "--trainer.default_root_dir", str(images.parent / "runs")]
+    main(["fit", *common])
+    (last,) = (images.parent / "runs").rglob("last.ckpt")
+    return common, last
+
+
+def _user_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI in-process, expect exit status 2, return the error paragraph."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    paragraph = err[err.index("transfer-lit: error:"):].strip()
+    assert "\n\n" not in paragraph
+    assert paragraph.endswith("(run with --debug for the full traceback)")
+    return paragraph
+
+
+# ----------------------------------------------------------------- entry points and help
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason=f"console script {SCRIPT} not installed (pip install -e .)")
+def test_console_script_help(tmp_path: Path) -> None:
+    result = _run([str(SCRIPT), "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert all(sub in result.stdout for sub in ("fit", "validate", "test", "predict"))
+
+
+def test_python_m_help(tmp_path: Path) -> None:
+    result = _run([sys.executable, "-m", "transfer_lit", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert all(sub in result.stdout for sub in ("fit", "validate", "test", "predict"))
+
+
+def test_fit_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model.mode", "linear_probe", "progressive", "--model.backbone", "--model.lr",
+                   "--model.backbone_lr_mult", "--model.preprocessing", "--data.root", "--data.samples_per_class",
+                   "--data.bad_images", "--prediction_writer.output", "--trainer.max_epochs"):
+        assert option in out, option
+    assert "--model.num_classes" not in out, "the number of classes is linked from the data"
+
+
+# ----------------------------------------------------------------- user errors: exit 2, one paragraph
+
+
+def test_unknown_backbone_name(images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(images),
+                           "--model.backbone.init_args.name", "resnet5"], capsys)
+    assert "model.backbone.name='resnet5'" in message
+    assert "Did you mean" in message and "'resnet50'" in message
+
+
+def test_unknown_weights(images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(images),
+                           "--model.backbone.init_args.weights", "IMAGENET1K_V9"], capsys)
+    assert "model.backbone.weights='IMAGENET1K_V9'" in message
+    assert "'IMAGENET1K_V1'" in message and "DEFAULT" in message
+
+
+def test_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(tmp_path / "nowhere")], capsys)
+    assert "data.root=" in message and "nowhere" in message and "no such directory" in message
+
+
+def test_zero_batch_size(images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(images), "--data.batch_size", "0"],
+                          capsys)
+    assert "data.batch_size must be a positive integer, got 0" in message
+
+
+def test_invalid_choice_is_rejected_by_the_parser(images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--model.mode", "frozen"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model.mode" in err and "linear_probe" in err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.root="):
+        main(["fit", "--config", str(DEBUG), "--data.root", str(tmp_path / "nowhere"), "--debug"])
+
+
+def test_user_error_in_a_subprocess(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "transfer_lit", "fit", "--config", str(DEBUG), "--data.root", str(tmp_path / "no")]
+    result = _run(args, tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "transfer-lit: error: data.root=" in result.stderr
+
+    debug = _run([*args, "--debug"], tmp_path)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+# ----------------------------------------------------------------- classes flow from the data
+
+
+def test_num_classes_flows_from_data_to_model(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"train": 2, "val": 1}, size=8)
+    args = ["--config", str(DEBUG), "--data.root", str(root)]
+    cli = TransferCLI(TransferModule, ImageDataModule, run=False, args=args)
+    assert cli.model.num_classes == 3 and cli.model.class_names == sorted(COLORS)
+
+    for name in ("green", "red"):
+        for split in ("train", "val"):
+            for file in (root / split / name).iterdir():
+                file.unlink()
+            (root / split / name).rmdir()
+    with pytest.raises(ValueError, match=r"model\.num_classes must be >= 2"):
+        TransferCLI(TransferModule, ImageDataModule, run=False, args=args)
+
+
+def test_fit_keeps_the_class_names(trained: tuple[list[str], Path]) -> None:
+    _, last = trained
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 3
+    assert checkpoint["hyper_parameters"]["class_names"] == sorted(COLORS)
+    assert checkpoint["transfer_lit"]["class_names"] == sorted(COLORS)
+    head = [v for k, v in checkpoint["state_dict"].items() if k.startswith("head.") and k.endswith("weight")]
+    assert head[-1].shape[0] == 3
+
+
+# ----------------------------------------------------------------- validate and test subcommands
+
+
+def test_validate_subcommand(trained: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    common, last = trained
+    capsys.readouterr()
+    main(["validate", *common, "--ckpt_path", str(last)])
+    out = capsys.readouterr().out
+    assert "val_acc" in out and "val_f1" in out
+
+
+def test_test_subcommand_prints_report(trained: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    common, last = trained
+    capsys.readouterr()
+    main(["test", *common, "--ckpt_path", str(last)])
+    out = capsys.readouterr().out
+    assert "test_acc" in out and "test_auroc" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["class", "precision", "recall", "f1",
+                                                                            "support"])
+    rows = [lines[header + 1 + i].split() for i in range(3)]
+    assert [r[0] for r in rows] == sorted(COLORS)
+    assert sum(int(r[4]) for r in rows) == 12  # every test image (4 per class)
+    matrix = lines.index("confusion matrix (rows: true, columns: predicted)")
+    counts = [[int(v) for v in lines[matrix + 2 + i].split()[1:]] for i in range(3)]
+    assert [lines[matrix + 2 + i].split()[0] for i in range(3)] == sorted(COLORS)
+    assert [sum(r) for r in counts] == [4, 4, 4]

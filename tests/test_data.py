@@ -1,0 +1,310 @@
+"""Tests for transfer_lit.data on small image folders written in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COLORS, TinyBackbone, make_image_folder
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from transfer_lit import BadImageError, ImageDataModule, Preprocessing, TransferModule
+from transfer_lit.data import default_num_workers
+
+CLASSES = sorted(COLORS)  # ['blue', 'green', 'red']
+SMALL = Preprocessing(28, 24, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _files(dm: ImageDataModule, split: str) -> set[str]:
+    return {path for path, _ in dm.splits[split]}
+
+
+def _trainer() -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0)
+
+
+def _corrupt_jpeg(path: Path) -> Path:
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    return path
+
+
+# ----------------------------------------------------------------- layouts
+
+
+def test_train_val_test_folders(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), num_workers=0)
+    assert dm.class_names == CLASSES and dm.num_classes == 3
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 18}
+    for split, samples in dm.splits.items():
+        for path, label in samples:
+            assert Path(path).parent.name == CLASSES[label]
+            assert Path(path).parts[-3] == split
+    assert dm.class_counts("val") == {"blue": 6, "green": 6, "red": 6}
+
+
+def test_single_folder_gets_seeded_stratified_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"all": 10}) / "all"
+    dm = ImageDataModule(root=str(root), val_fraction=0.2, seed=1, num_workers=0)
+    assert set(dm.splits) == {"train", "val"}
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 8)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 2)
+    assert not _files(dm, "train") & _files(dm, "val")
+    assert len(_files(dm, "train") | _files(dm, "val")) == 30
+
+    same = ImageDataModule(root=str(root), val_fraction=0.2, seed=1, num_workers=0)
+    assert same.splits == dm.splits
+    other = ImageDataModule(root=str(root), val_fraction=0.2, seed=2, num_workers=0)
+    assert _files(other, "val") != _files(dm, "val")
+    assert other.class_counts("val") == dict.fromkeys(CLASSES, 2)
+
+
+def test_train_without_val_is_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"train": 5, "test": 2})
+    dm = ImageDataModule(root=str(root), val_fraction=0.4, num_workers=0)
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 3)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 2)
+    assert dm.class_counts("test") == dict.fromkeys(CLASSES, 2)
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, ...] = ("path", "label")) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _rows(root: Path, split: str) -> list[tuple[str, str]]:
+    return [(str(p.relative_to(root)), p.parent.name) for p in sorted((root / split).rglob("*.png"))]
+
+
+def test_csv_with_relative_paths(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"))
+    val = _write_csv(image_folder / "val.csv", _rows(image_folder, "val"))
+    test = _write_csv(image_folder / "test.csv", _rows(image_folder, "test")[:5])
+    dm = ImageDataModule(train_csv=str(train), val_csv=str(val), test_csv=str(test), num_workers=0)
+    assert dm.class_names == CLASSES
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 5}
+    folder = ImageDataModule(root=str(image_folder), num_workers=0)
+    assert sorted(dm.splits["train"]) == sorted(folder.splits["train"])  # same files, same labels
+    assert all(Path(p).is_absolute() or Path(p).is_file() for p, _ in dm.splits["train"])
+
+
+def test_csv_without_val_is_split(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"))
+    dm = ImageDataModule(train_csv=str(train), val_fraction=0.25, num_workers=0)
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 9)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 3)
+
+
+def test_few_shot_exact_and_seeded(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), samples_per_class=5, seed=0, num_workers=0)
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 5)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 6)  # only training images are subsampled
+    again = ImageDataModule(root=str(image_folder), samples_per_class=5, seed=0, num_workers=0)
+    assert _files(again, "train") == _files(dm, "train")
+    other = ImageDataModule(root=str(image_folder), samples_per_class=5, seed=3, num_workers=0)
+    assert _files(other, "train") != _files(dm, "train")
+    full = ImageDataModule(root=str(image_folder), samples_per_class=12, num_workers=0)
+    assert len(full.splits["train"]) == 36
+
+
+def test_class_names_sorted_and_labels_follow_them(tmp_path: Path) -> None:
+    for name in ("zebra", "Apple", "mango"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
+    dm = ImageDataModule(root=str(tmp_path), num_workers=0)
+    assert dm.class_names == ["Apple", "mango", "zebra"]
+    for split in ("train", "val"):
+        assert all(dm.class_names[label] == Path(path).parent.name for path, label in dm.splits[split])
+
+
+# ----------------------------------------------------------------- transforms from the module
+
+
+def test_transforms_come_from_the_module(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0)
+    with pytest.raises(RuntimeError, match="preprocessing"):
+        dm.resolved_preprocessing()  # no trainer, no module yet
+    backbone = TinyBackbone(image_size=20)
+    module = TransferModule(backbone, num_classes=dm.num_classes, class_names=dm.class_names)
+    trainer = _trainer()
+    trainer.fit(module, datamodule=dm)
+    assert dm.resolved_preprocessing() == backbone.preprocessing == module.preprocessing
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float32
+        assert y.dtype == torch.int64
+
+
+def test_explicit_preprocessing_wins(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    module = TransferModule(TinyBackbone(image_size=20), num_classes=3)
+    _trainer().validate(module, datamodule=dm)
+    assert dm.resolved_preprocessing() == SMALL
+    x, _ = next(iter(dm.val_dataloader()))
+    assert x.shape[-2:] == (24, 24)
+    # Normalised with the explicit statistics: the blue class' blue channel is far above its red one.
+    assert (x[:, 2] - x[:, 0]).mean() > 2
+
+
+def test_predict_loader_returns_paths(image_folder: Path) -> None:
+    dm = ImageDataModule(predict_root=str(image_folder / "test"), batch_size=50, num_workers=0, preprocessing=SMALL)
+    x, paths = next(iter(dm.predict_dataloader()))
+    assert x.shape == (18, 3, 24, 24)
+    assert sorted(paths) == sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
+
+
+# ----------------------------------------------------------------- DataLoader defaults
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (4, 3), (64, 8)])
+def test_default_num_workers_from_core_count(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_num_workers() == workers
+
+
+def test_loader_defaults(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), preprocessing=SMALL)
+    assert dm.num_workers == default_num_workers()
+    for workers in (0, 2):
+        dm = ImageDataModule(root=str(image_folder), batch_size=5, num_workers=workers, preprocessing=SMALL)
+        train, val = dm.train_dataloader(), dm.val_dataloader()
+        assert train.num_workers == val.num_workers == workers
+        assert train.persistent_workers is val.persistent_workers is (workers > 0)
+        assert train.pin_memory is val.pin_memory is torch.cuda.is_available()
+        assert train.batch_size == 5 and train.drop_last and not val.drop_last
+        assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+        assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
+
+
+# ----------------------------------------------------------------- errors name the key, the value, the fix
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=r"data\.root=.*nowhere.*no such directory"):
+        ImageDataModule(root=str(missing))
+
+
+def test_root_without_class_folders(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match=r"data\.root.*has no class sub-folders; expected .*<class name>"):
+        ImageDataModule(root=str(tmp_path))
+
+
+def test_val_without_train(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"val": 2})
+    with pytest.raises(FileNotFoundError, match=r"data\.root=.*has val/ or test/ but no train/"):
+        ImageDataModule(root=str(root))
+
+
+def test_empty_class_folder(image_folder: Path) -> None:
+    (image_folder / "train" / "purple").mkdir()
+    (image_folder / "train" / "purple" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"data\.root \(train/\).*\['purple'\] contain no images.*\.jpg"):
+        ImageDataModule(root=str(image_folder))
+
+
+def test_class_in_val_not_in_train(image_folder: Path) -> None:
+    (image_folder / "val" / "purple").mkdir()
+    Image.new("RGB", (8, 8)).save(image_folder / "val" / "purple" / "p.png")
+    with pytest.raises(ValueError, match=r"\['purple'\] appear in val but not in train.*\['blue', 'green', 'red'\]"):
+        ImageDataModule(root=str(image_folder))
+
+
+def test_csv_label_in_val_not_in_train(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"))
+    val = _write_csv(image_folder / "val.csv", [("val/red/red_0.png", "crimson")])
+    with pytest.raises(ValueError, match=r"\['crimson'\] appear in val but not in train"):
+        ImageDataModule(train_csv=str(train), val_csv=str(val))
+
+
+def test_fewer_images_than_samples_per_class(image_folder: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.samples_per_class=13 .*fewer.*'blue': 12"):
+        ImageDataModule(root=str(image_folder), samples_per_class=13)
+
+
+def test_csv_with_missing_file(image_folder: Path) -> None:
+    rows = [*_rows(image_folder, "train"), ("train/red/ghost.png", "red")]
+    train = _write_csv(image_folder / "train.csv", rows)
+    with pytest.raises(FileNotFoundError, match=r"data\.train_csv=.*train\.csv.* 1 file\(s\) that do not exist.*ghost"):
+        ImageDataModule(train_csv=str(train))
+
+
+def test_csv_with_wrong_header(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"), header=("file", "class"))
+    with pytest.raises(ValueError, match=r"data\.train_csv=.*columns 'path' and 'label', got \['file', 'class'\]"):
+        ImageDataModule(train_csv=str(train))
+
+
+def test_missing_csv(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.train_csv=.*nope\.csv.*no such file"):
+        ImageDataModule(train_csv=str(tmp_path / "nope.csv"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, r"data\.batch_size must be a positive integer, got 0"),
+        ({"batch_size": -4}, r"data\.batch_size must be a positive integer, got -4"),
+        ({"samples_per_class": 0}, r"data\.samples_per_class must be a positive integer, got 0"),
+        ({"val_fraction": 1.0}, r"data\.val_fraction must be in \(0, 1\), got 1\.0"),
+        ({"bad_images": "ignore"}, r"data\.bad_images must be 'error' or 'skip', got 'ignore'"),
+    ],
+)
+def test_bad_arguments(image_folder: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageDataModule(root=str(image_folder), **kwargs)
+
+
+def test_no_root_and_no_csv() -> None:
+    with pytest.raises(ValueError, match=r"data\.root or data\.train_csv"):
+        ImageDataModule()
+
+
+def test_missing_test_split(tmp_path: Path) -> None:
+    dm = ImageDataModule(root=str(make_image_folder(tmp_path, {"train": 3, "val": 1})), preprocessing=SMALL)
+    with pytest.raises(ValueError, match=r"no test data: add test/ under data\.root or set data\.test_csv"):
+        dm.test_dataloader()
+
+
+# ----------------------------------------------------------------- unreadable images
+
+
+def test_bad_image_error_names_the_file(image_folder: Path) -> None:
+    bad = _corrupt_jpeg(image_folder / "val" / "red" / "broken.jpg")
+    dm = ImageDataModule(root=str(image_folder), batch_size=64, num_workers=0, preprocessing=SMALL)
+    with pytest.raises(BadImageError, match=r"broken\.jpg") as info:
+        next(iter(dm.val_dataloader()))
+    assert info.value.path == str(bad)
+
+
+def test_bad_image_skip_drops_it(image_folder: Path) -> None:
+    _corrupt_jpeg(image_folder / "val" / "red" / "broken.jpg")
+    dm = ImageDataModule(root=str(image_folder), batch_size=64, num_workers=0, bad_images="skip", preprocessing=SMALL)
+    assert len(dm.splits["val"]) == 19  # found by extension, unreadable
+    x, y = next(iter(dm.val_dataloader()))
+    assert len(x) == len(y) == 18
+
+
+def test_scan_finds_every_bad_file_at_once(image_folder: Path) -> None:
+    bad = {_corrupt_jpeg(image_folder / "train" / "red" / "broken.jpg"),
+           _corrupt_jpeg(image_folder / "val" / "blue" / "also_broken.png")}
+    dm = ImageDataModule(root=str(image_folder), scan=True, num_workers=0, preprocessing=SMALL)
+    with pytest.raises(BadImageError, match=r"2 unreadable image\(s\).*'skip'") as info:
+        dm.setup("fit")
+    assert all(str(path) in str(info.value) for path in bad)
+
+    dm = ImageDataModule(root=str(image_folder), scan=True, bad_images="skip", num_workers=0, preprocessing=SMALL)
+    dm.setup("fit")
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 18}
+    assert not {str(p) for p in bad} & {p for split in dm.splits.values() for p, _ in split}
