@@ -122,6 +122,31 @@ def test_sigterm_then_ctrl_c_then_resume_completes_the_run(images: Path, tmp_pat
     assert (final["epoch"], final["global_step"]) == (epochs - 1, epochs * STEPS_PER_EPOCH)
 
 
+def test_ctrl_c_to_every_ddp_rank_saves_a_checkpoint_and_exits_130(images: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: every rank, and then rank 0's Lightning handler
+    forwards a copy to the rank it launched. That copy must not abort rank 1 (it did: exit 1, no checkpoint;
+    the same with SIGTERM sent to the group hung)."""
+    run_dir = tmp_path / "run"
+    ddp = ("--model.backbone.delay", "0.1", "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    env = {k: v for k, v in _env().items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    log = tmp_path / "ddp.log"
+    process = subprocess.Popen([sys.executable, "-m", "transfer_lit", *fit_args(images, run_dir, 6, *ddp)],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"},
+                               cwd=tmp_path, start_new_session=True)  # its own group, signalled as a terminal does
+    try:
+        ready, deadline = run_dir / "lightning_logs/version_0/checkpoints/last.ckpt", time.monotonic() + 240
+        while not ready.is_file():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert (run_dir / "lightning_logs/version_0/checkpoints/interrupted.ckpt").is_file()
+    assert "Traceback" not in log.read_text()
+
+
 # ----------------------------------------------------------------- signals at an exact batch, in-process
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TinyBackbone
 from lightning.pytorch import Callback, Trainer, seed_everything
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from transfer_lit import ImageDataModule, LRFinder, TransferModule
 from transfer_lit.cli import TransferCLI
@@ -102,6 +102,30 @@ def test_suggestion_rules_on_a_known_curve() -> None:
     assert finder.suggest() == pytest.approx(finder.scales[best] / 10)
     finder.losses = finder.losses[:2]
     assert finder.suggest() is None
+
+
+def test_a_batch_of_only_unreadable_images_is_skipped_not_taken_for_the_end_of_the_data() -> None:
+    """With ``data.bad_images='skip'`` a batch can be ``None``: the sweep goes on with the next batch
+    (it used to restart the loader there, and so swept the first batch over and over)."""
+    x = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 3, 16, 16).clone()  # every pixel = the sample's index
+    data = TensorDataset(x, torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(0)))
+
+    def collate(items: list) -> Any:  # the second batch (samples 4-7) is "unreadable"
+        return None if float(items[0][0][0, 0, 0]) == 4 else default_collate(items)
+
+    seed_everything(0)
+    model = TransferModule(TinyBackbone(), num_classes=3)
+    seen: list[int] = []
+    hook = model.backbone.register_forward_pre_hook(lambda _, args: seen.append(int(args[0][0, 0, 0, 0])))
+
+    class StopRecording(Callback):  # after the sweep, before training
+        def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+            hook.remove()
+
+    Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[LRFinder(num_steps=6), StopRecording()]).fit(
+        model, DataLoader(data, batch_size=4, collate_fn=collate))
+    assert seen == [0, 8, 0, 8]
 
 
 def test_resumed_run_keeps_the_chosen_scale(tmp_path: Path) -> None:

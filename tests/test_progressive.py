@@ -114,6 +114,17 @@ def test_warmup_ramps_the_gate_of_each_newly_thawed_block() -> None:
     assert all(s["head"][0] == 1 and s["backbone.stem"][0] == 0 for s in gates.steps)
 
 
+def test_a_callback_reused_for_another_fit_starts_afresh() -> None:
+    """A second ``fit`` (a notebook re-run) must not inherit the first run's thaw steps: block2 thawed at
+    step 6 there, at step 3 here, and a stale thaw step gave a negative warm-up gate."""
+    callback = ProgressiveUnfreezing(schedule={1: "block2"}, warmup_steps=2)
+    trainer(2, [callback]).fit(module(), loader(n=48))
+    gates = GateRecorder()
+    trainer(2, [callback, gates]).fit(module(), loader(n=24))
+    assert [s["backbone.block2"][0] for s in gates.steps] == [0, 0, 0, 0.5, 1, 1]
+    assert callback.thaw_steps == {"block2": 3}
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 

@@ -18,6 +18,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, get_args
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -25,6 +26,7 @@ __all__ = [
     "BAD_IMAGE_POLICIES",
     "IMAGE_EXTENSIONS",
     "BadImageError",
+    "BadImagePolicy",
     "load_image",
     "scan_images",
 ]
@@ -34,7 +36,8 @@ __all__ = [
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # What a dataset does with a file load_image rejects: raise at once, or leave it out (and log it).
-BAD_IMAGE_POLICIES = ("error", "skip")
+BadImagePolicy = Literal["error", "skip"]
+BAD_IMAGE_POLICIES: tuple[BadImagePolicy, ...] = get_args(BadImagePolicy)
 
 # Equal to 2 * Pillow's default Image.MAX_IMAGE_PIXELS, the size at which Image.open itself refuses.
 DEFAULT_MAX_PIXELS = 178_956_970

@@ -168,12 +168,13 @@ class LRFinder(Callback):
         pl_module.train()
         batches = iter(loader)
         best = math.inf
+        end = object()  # not None: a None batch is one whose images were all skipped as unreadable
         for step in range(self.num_steps):
-            batch = next(batches, None)
-            if batch is None:
+            batch = next(batches, end)
+            if batch is end:
                 batches = iter(loader)
                 batch = next(batches)
-            if batch is None:  # every image of the batch was skipped as unreadable
+            if batch is None:
                 continue
             batch = trainer.strategy.batch_to_device(batch)
             x, y = batch

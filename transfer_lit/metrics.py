@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torchmetrics import AUROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection, Precision, Recall
+from torchmetrics import AUROC, Accuracy, ConfusionMatrix, F1Score, Metric, MetricCollection, Precision, Recall
 
 Task = Literal["multiclass", "binary", "multilabel"]
 
@@ -19,12 +19,12 @@ def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection
         prefix: stage name, ``train`` / ``val`` / ``test``.
     """
     if task == "multiclass":
-        kw: dict = {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
+        kw: dict[str, Any] = {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
     elif task == "binary":
         kw = {"task": "binary"}
     else:
         kw = {"task": "multilabel", "num_labels": num_classes, "average": "macro"}
-    metrics = {
+    metrics: dict[str, Metric | MetricCollection] = {
         "acc": Accuracy(**{**kw, "average": "micro"} if task == "multiclass" else kw),
         "precision": Precision(**kw),
         "recall": Recall(**kw),
@@ -34,7 +34,7 @@ def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection
     return MetricCollection(metrics, prefix=f"{prefix}_")
 
 
-def build_confusion_matrix(task: Task, num_classes: int) -> ConfusionMatrix:
+def build_confusion_matrix(task: Task, num_classes: int) -> Metric:
     """Confusion matrix for the test report (multiclass and binary; multilabel gets one per label)."""
     if task == "multilabel":
         return ConfusionMatrix(task="multilabel", num_labels=num_classes)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -137,14 +136,5 @@ def set_gate(optimizer: Optimizer, block: str, value: float) -> None:
             group["gate"] = float(value)
             found = True
     if not found:
-        valid = sorted({g.get("block") for g in optimizer.param_groups})
+        valid = sorted({g["block"] for g in optimizer.param_groups if "block" in g})
         raise KeyError(f"no parameter group for block {block!r}; valid: {valid}")
-
-
-def grads_finite(optimizer: Optimizer) -> str | None:
-    """Name of the first group holding a non-finite gradient, or ``None``."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return str(group.get("name", "?"))
-    return None

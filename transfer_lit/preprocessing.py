@@ -18,7 +18,7 @@ from torchvision.transforms.functional import InterpolationMode
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 Augment = Literal["none", "trivialaugment", "randaugment"]
-_INTERPOLATIONS: dict[str, InterpolationMode] = {
+_INTERPOLATIONS: dict[Interpolation, InterpolationMode] = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,

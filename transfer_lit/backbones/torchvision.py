@@ -131,10 +131,10 @@ def _block_specs(name: str, model: nn.Module) -> list[BlockSpec]:
     if name.startswith(("resnet", "resnext", "wide_resnet")):
         return [("stem", ("conv1", "bn1"))] + [(f"layer{i}", (f"layer{i}",)) for i in range(1, 5)]
     if name.startswith("vit_"):
-        layers = [(n, (f"encoder.layers.{n}",)) for n, _ in model.encoder.layers.named_children()]
+        layers = [(n, (f"encoder.layers.{n}",)) for n, _ in model.get_submodule("encoder.layers").named_children()]
         return [("stem", ("conv_proj", "class_token", "encoder.pos_embedding")), *layers, ("norm", ("encoder.ln",))]
     if name.startswith("regnet"):
-        trunk = [(n, (f"trunk_output.{n}",)) for n, _ in model.trunk_output.named_children()]
+        trunk = [(n, (f"trunk_output.{n}",)) for n, _ in model.get_submodule("trunk_output").named_children()]
         return [("stem", ("stem",)), *trunk]
     specs: list[BlockSpec] = [("stem", tuple(n for n, _ in model.named_parameters(recurse=False)))]
     for child_name, child in model.named_children():

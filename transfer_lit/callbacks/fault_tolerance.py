@@ -151,13 +151,17 @@ class FaultTolerance(Callback):
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        trainer = self._trainer
         if self.interrupted_by is not None:  # a second signal: stop now
+            if trainer is not None and trainer.global_rank > 0:
+                # The terminal's Ctrl-C reached every rank and rank 0's Lightning handler forwards it to the ranks it
+                # launched: their second signal is that copy. Rank 0 alone decides to abort (then Lightning kills them).
+                return
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop(signum, frame)
             return
         self.interrupted_by = name
-        trainer = self._trainer
         if trainer is not None and trainer.validating and not trainer.sanity_checking:
             # Lightning cannot resume a validation stopped half-way (it skips the rest and that epoch's val
             # metrics would be missing): finish it, then stop.

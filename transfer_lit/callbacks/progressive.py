@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from transfer_lit.backbones.base import Backbone
 from transfer_lit.param_groups import set_gate
+from transfer_lit.schedulers import LinearWarmup
 
 Schedule = dict[int, list[str] | str]
 Phase = tuple[int, list[str]]
@@ -98,6 +99,7 @@ class ProgressiveUnfreezing(Callback):
         self.start_epoch = start_epoch
         self.num_blocks = num_blocks
         self.warmup_steps = warmup_steps
+        self._warmup = LinearWarmup(warmup_steps)
         self.phases: list[Phase] = []
         self.thaw_steps: dict[str, int] = {}  # block -> global step at which it was thawed
         self.phase = 0
@@ -156,9 +158,7 @@ class ProgressiveUnfreezing(Callback):
 
     def warmup_gate(self, steps_since_thaw: int) -> float:
         """LR gate of a block ``steps_since_thaw`` optimizer steps after its thaw."""
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (steps_since_thaw + 1) / self.warmup_steps)
+        return self._warmup(steps_since_thaw)
 
     # ------------------------------------------------------------------ hooks
 
@@ -176,6 +176,8 @@ class ProgressiveUnfreezing(Callback):
                 "every block from the start; 'linear_probe' runs the backbone without gradients)"
             )
         backbone = cast(Unfreezable, pl_module).backbone
+        # A new run (a reused callback too) starts at phase 0; a resumed one then loads its state over this.
+        self.thaw_steps, self.phase, self._announced = {}, 0, None
         self._blocks = backbone.block_names()
         self.phases = self.resolve_phases(self._blocks)
         max_epochs = trainer.max_epochs
