@@ -26,7 +26,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_lit.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, frozen_backbone, resolve_cache_features
+from transfer_lit.feature_cache import (
+    CacheFeatures,
+    FeatureCache,
+    FeatureDataset,
+    frozen_backbone,
+    resolve_cache_features,
+)
 from transfer_lit.images import IMAGE_EXTENSIONS, BadImageError, load_image, scan_images
 from transfer_lit.preprocessing import Augment, Preprocessing, build_eval_transform, build_train_transform
 
@@ -340,18 +346,18 @@ class ImageDataModule(LightningDataModule):
         transform = build_train_transform(p, self.augment) if train and not cached else build_eval_transform(p)
         images = ImageDataset(self.splits[split], transform, self.bad_images)
         self._read.append((split, images))
-        dataset: Dataset = images
-        if cached:
+        backbone = frozen_backbone(module) if cached else None
+        if backbone is not None:
             loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers,
                              "collate_fn": collate_skipping_bad, "pin_memory": torch.cuda.is_available()}
-            entry = self.feature_cache.features(self.trainer, frozen_backbone(module), dataset, self.splits[split], p,
-                                                loader_kwargs, split)
-            dataset = FeatureDataset(entry, self.splits[split])
+            entry = self.feature_cache.features(self.trainer, backbone, images, self.splits[split], p, loader_kwargs,
+                                                split)
+            features = FeatureDataset(entry, self.splits[split])
             # Features are in memory already: worker processes would only add start-up and IPC cost.
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train,
-                              drop_last=train and len(dataset) > self.batch_size,
+            return DataLoader(features, batch_size=self.batch_size, shuffle=train,
+                              drop_last=train and len(features) > self.batch_size,
                               pin_memory=torch.cuda.is_available())
-        return self._dataloader(dataset, shuffle=train, drop_last=train and len(dataset) > self.batch_size)
+        return self._dataloader(images, shuffle=train, drop_last=train and len(images) > self.batch_size)
 
     def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer_lit.backbones.base import Backbone
 from transfer_lit.preprocessing import Preprocessing
 
 CacheFeatures = bool | Literal["auto"]
@@ -48,12 +49,16 @@ class CachedFeatures(NamedTuple):
     target: torch.Tensor
 
 
-def frozen_backbone(module: Any) -> nn.Module | None:
-    """The backbone of ``module`` when it stays frozen for the whole run (``mode == 'linear_probe'``), else None."""
-    if getattr(module, "mode", None) != "linear_probe":
+def frozen_backbone(module: Any) -> Backbone | None:
+    """The backbone of ``module`` when it stays frozen for the whole run (``mode == 'linear_probe'``), else None.
+
+    Also None under sharded strategies (FSDP, DeepSpeed: the module's ``gate_only``), where the backbone's
+    parameters are sharded and it cannot run outside the wrapped model.
+    """
+    if getattr(module, "mode", None) != "linear_probe" or getattr(module, "gate_only", False):
         return None
     backbone = getattr(module, "backbone", None)
-    return backbone if isinstance(backbone, nn.Module) else None
+    return backbone if isinstance(backbone, Backbone) else None
 
 
 def resolve_cache_features(setting: CacheFeatures, module: Any, split: str, augment: str) -> bool:
@@ -76,8 +81,9 @@ def resolve_cache_features(setting: CacheFeatures, module: Any, split: str, augm
     if frozen_backbone(module) is None:
         if setting is True:
             raise ValueError(
-                f"data.cache_features=true needs model.mode='linear_probe' (a backbone frozen for the whole run), "
-                f"got mode {getattr(module, 'mode', None)!r}; use cache_features 'auto' or false"
+                f"data.cache_features=true needs model.mode='linear_probe' (a backbone frozen for the whole run) "
+                f"and a strategy that does not shard it (not FSDP / DeepSpeed), got mode "
+                f"{getattr(module, 'mode', None)!r}; use cache_features 'auto' or false"
             )
         return False
     if setting is True and augment != "none":
@@ -202,7 +208,7 @@ class FeatureCache:
         torch.save({"key": key, "paths": entry.paths, "features": entry.features}, tmp)
         os.replace(tmp, file)
 
-    def features(self, trainer: Any, backbone: nn.Module, images: Dataset, samples: Sequence[Sample],
+    def features(self, trainer: Any, backbone: Backbone, images: Dataset, samples: Sequence[Sample],
                  preprocessing: Preprocessing, loader_kwargs: dict[str, Any], split: str) -> FeatureEntry:
         """The entry of ``samples`` (decoded by ``images``, same order), extracting it on a miss.
 
@@ -234,7 +240,7 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def extract_features(trainer: Any, backbone: nn.Module, images: Dataset, samples: Sequence[Sample],
+def extract_features(trainer: Any, backbone: Backbone, images: Dataset, samples: Sequence[Sample],
                      loader_kwargs: dict[str, Any]) -> FeatureEntry:
     """Pooled float32 features of every readable sample, each rank computing the shard ``rank::world_size``."""
     strategy, precision = trainer.strategy, trainer.precision_plugin

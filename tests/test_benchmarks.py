@@ -1,0 +1,165 @@
+"""The benchmark scripts: argument errors, the GPU script's plan and ratios, and end-to-end smoke runs.
+
+The end-to-end runs are subprocesses, like a user runs them; ``gpu_throughput.py --tiny`` runs on CPU
+in an environment where jsonargparse is not importable, as on the GPU machines it is meant for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from conftest import HYMENOPTERA, needs_hymenoptera
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+# What a GPU box with only torch, torchvision, lightning and torchmetrics does not have.
+NOT_ON_GPU_BOX = ("jsonargparse", "docstring_parser", "typeshed_client")
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def site_without(tmp_path: Path, hidden: tuple[str, ...]) -> Path:
+    """A folder of links to every installed top-level package except ``hidden`` (and their metadata)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    dirs += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    for directory in dict.fromkeys(dirs):
+        if not os.path.isdir(directory):
+            continue
+        for entry in sorted(os.listdir(directory)):
+            stem = entry.split("-")[0].split(".")[0].lower()
+            if stem in hidden or (site / entry).exists() or entry.endswith(".pth"):
+                continue
+            (site / entry).symlink_to(Path(directory) / entry)
+    return site
+
+
+def last_json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------- gpu_throughput.py
+
+
+def test_gpu_throughput_plan_runs_eager_rows_first_and_compile_only_when_asked() -> None:
+    gpu = load_script("gpu_throughput")
+    args = gpu.parse_args(["--models", "resnet50,vit_b_16", "--compile-models", "resnet50", "--device", "cpu"])
+    rows = gpu.plan(args)
+    paths = [(model, mode, path) for model, mode, path, _ in rows]
+    for model in ("resnet50", "vit_b_16"):
+        for mode in gpu.MODES:
+            assert (model, mode, "transfer_lit") in paths
+    assert ("resnet50", "finetune", "hand_eager_cl") in paths
+    assert ("vit_b_16", "finetune", "hand_eager_cl") not in paths  # channels_last is for conv nets
+    compiled = [p for p in paths if "compile" in p[2]]
+    assert compiled == [("resnet50", "finetune", "hand_compile_cl"), ("resnet50", "finetune", "transfer_lit_compile")]
+    assert paths.index(compiled[0]) > max(i for i, p in enumerate(paths) if p[2] == "transfer_lit")
+    no_compile = gpu.plan(gpu.parse_args(["--no-compile", "--device", "cpu"]))
+    assert not [r for r in no_compile if "compile" in r[2]]
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--models", "resnet50", "--compile-models", "vit_b_16", "--device", "cpu"])
+
+
+def test_gpu_throughput_ratios_compare_against_the_best_hand_loop() -> None:
+    gpu = load_script("gpu_throughput")
+    results = {
+        "resnet50": {
+            "finetune": {
+                "hand_eager": {"images_per_s": 2400.0},
+                "hand_eager_cl": {"images_per_s": 4700.0},
+                "hand_compile_cl": {"images_per_s": 6700.0},
+                "transfer_lit": {"images_per_s": 4600.0},
+                "transfer_lit_compile": {"images_per_s": 6500.0},
+            },
+            "linear_probe": {"hand_frozen": {"images_per_s": 15000.0}, "transfer_lit": {"error": "boom"}},
+            "progressive": {"hand_half_frozen": {"images_per_s": 5500.0}, "transfer_lit": {"images_per_s": 5400.0}},
+        }
+    }
+    ratios = gpu.ratios(results)
+    assert ratios["resnet50.finetune_vs_best_hand"] == pytest.approx(6500 / 6700, abs=1e-3)
+    assert ratios["resnet50.finetune_eager_vs_hand_eager_cl"] == pytest.approx(4600 / 4700, abs=1e-3)
+    assert ratios["resnet50.linear_probe_vs_hand_frozen"] is None  # an error is no number
+    assert ratios["resnet50.progressive_vs_finetune"] == pytest.approx(5400 / 4600, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_gpu_throughput_tiny_runs_on_cpu_without_jsonargparse(tmp_path: Path) -> None:
+    site = site_without(tmp_path, NOT_ON_GPU_BOX)
+    out = tmp_path / "out.json"
+    code = (
+        "import importlib.util, runpy, sys\n"
+        f"assert all(importlib.util.find_spec(m) is None for m in {NOT_ON_GPU_BOX!r}), 'not hidden'\n"
+        f"sys.argv = [{str(BENCHMARKS / 'gpu_throughput.py')!r}, '--tiny', '--json-out', {str(out)!r}]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        f"assert not [m for m in sys.modules if m.split('.')[0] in {NOT_ON_GPU_BOX!r}]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = last_json_line(proc.stdout)
+    assert {"device", "batch_size", "image_size", "precision", "results", "ratios", "targets"} <= set(summary)
+    assert summary["device"].startswith("cpu") and summary["batch_size"] == 8 and summary["image_size"] == 64
+    modes = summary["results"]["resnet18"]
+    assert set(modes) == {"finetune", "linear_probe", "progressive"}
+    for mode, paths in modes.items():
+        assert paths["transfer_lit"]["images_per_s"] > 0, (mode, paths)
+        assert all("error" not in r for r in paths.values()), (mode, paths)
+    assert modes["linear_probe"]["hand_frozen"]["images_per_s"] > 0
+    assert modes["progressive"]["hand_half_frozen"]["images_per_s"] > 0
+    assert {"resnet18.finetune_vs_best_hand", "resnet18.linear_probe_vs_hand_frozen",
+            "resnet18.progressive_vs_finetune"} <= set(summary["ratios"])
+    assert json.loads(out.read_text()) == summary
+
+
+# ----------------------------------------------------------------------------- transfer_gain.py
+
+
+def test_transfer_gain_missing_data_names_the_flag_and_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gain = load_script("transfer_gain")
+    with pytest.raises(SystemExit):
+        gain.parse_args(["--data", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert "--data=" in err and "nowhere" in err and "train/ and val/" in err
+    with pytest.raises(SystemExit):
+        gain.parse_args(["--data", str(tmp_path), "--strategies", "scratch,bogus"])
+    assert "bogus" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_hymenoptera
+def test_transfer_gain_smoke_prints_table_and_json(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    from transfer_lit import TorchvisionBackbone, WeightsNotAvailableError
+
+    try:
+        TorchvisionBackbone("mobilenet_v2", "IMAGENET1K_V1")
+    except WeightsNotAvailableError as e:
+        pytest.skip(str(e))
+    args = ["--data", str(HYMENOPTERA), "--epochs", "1", "--limit-batches", "2", "--crop", "64",
+            "--strategies", "scratch,linear_probe", "--num-workers", "0"]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "transfer_gain.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "TRANSFER_LIT_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = last_json_line(proc.stdout)
+    assert set(summary) == {"scratch", "linear_probe"}
+    assert all(0.0 <= v <= 1.0 for v in summary.values())
+    assert "best val acc" in proc.stdout

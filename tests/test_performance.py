@@ -1,0 +1,99 @@
+"""GPU defaults that need no flags (channels_last) and the torch.compile option, as far as CPU can check them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyBackbone
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from transfer_lit import ModuleBackbone, TorchvisionBackbone, TransferModule
+from transfer_lit.cli import _keep_freed_memory
+from transfer_lit.module import _convolutional
+
+
+def _loader(n: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)),
+                      batch_size=4)
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def test_convolutional_backbones_are_recognised() -> None:
+    assert _convolutional(TinyBackbone())
+    assert _convolutional(TorchvisionBackbone("resnet18", weights=None))
+    assert _convolutional(TorchvisionBackbone("mobilenet_v3_small", weights=None))
+    assert not _convolutional(TorchvisionBackbone("vit_b_16", weights=None))  # only the patch embedding is a conv
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8))
+    assert not _convolutional(ModuleBackbone(mlp, num_features=8))
+
+
+def test_channels_last_is_a_noop_on_cpu(tmp_path: Path) -> None:
+    module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
+    _trainer(tmp_path, max_epochs=1).fit(module, _loader())
+    assert not module.channels_last
+    conv = module.backbone.stem[0].weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_channels_last_on_cuda(tmp_path: Path) -> None:
+    module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
+    Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, default_root_dir=tmp_path).fit(module, _loader())
+    assert module.channels_last
+    assert module.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class ThawAt(Callback):
+    """Thaw every block at ``epoch`` and record the block2 weights before it."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.before: torch.Tensor | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.before = pl_module.backbone.block2[0].weight.detach().clone()
+            pl_module.set_frozen_blocks([])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_across_a_thaw(tmp_path: Path) -> None:
+    """torch.compile on CPU (inductor + a C++ compiler): the thawed block recompiles and then trains."""
+    results = []
+    for compile in (False, True):
+        seed_everything(0)
+        # SGD: AdamW would blow the float noise on gradients that are zero in exact arithmetic (a conv bias
+        # followed by BatchNorm) up to full-size steps, and eager and compiled kernels round differently.
+        module = TransferModule(TinyBackbone(), num_classes=3, mode="progressive", lr=0.05, backbone_lr_mult=1.0,
+                                optimizer=lambda groups: torch.optim.SGD(groups, momentum=0.9), compile=compile)
+        thaw = ThawAt(epoch=1)
+        _trainer(tmp_path, max_epochs=2, callbacks=[thaw]).fit(module, _loader())
+        assert thaw.before is not None
+        assert not torch.equal(module.backbone.block2[0].weight, thaw.before)  # gradients reached the thawed block
+        results.append(module)
+    eager, compiled = results
+    assert compiled.backbone._compiled_call_impl is not None
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoint keys unchanged
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_keep_freed_memory_is_harmless() -> None:
+    _keep_freed_memory()  # the CLI calls it first thing; calling it again must be fine
+    x = torch.randn(64, 64, 64, 64)  # 64 MB: above glibc's mmap threshold
+    del x
+    assert torch.randn(64, 64, 64, 64).sum().isfinite()
