@@ -90,6 +90,18 @@ class TransferCLI(LightningCLI):
     def before_fit(self) -> None:
         self._resolve_last_checkpoint()
 
+    def after_fit(self) -> None:
+        """Print the last validation metrics and where the checkpoints are, without needing the progress bar."""
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val_")}
+        if metrics:
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+            print(f"transfer-lit: validation after epoch {self.trainer.current_epoch - 1}: {shown}")
+        best = self.trainer.checkpoint_callback
+        if best is not None and getattr(best, "best_model_path", ""):
+            print(f"transfer-lit: best checkpoint {best.best_model_path}")
+
     def before_validate(self) -> None:
         self._resolve_last_checkpoint()
 
