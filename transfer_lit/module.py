@@ -413,7 +413,9 @@ class TransferModule(LightningModule):
         state = checkpoint.get("transfer_lit")
         if state is None:
             return
-        self.preprocessing = Preprocessing.from_dict(state["preprocessing"])
+        # The checkpoint's preprocessing is what the weights were trained with; an explicit override still wins.
+        saved = Preprocessing.from_dict(state["preprocessing"])
+        self.preprocessing = resolve_preprocessing(self.hparams.get("preprocessing"), saved)
         self.class_names = list(state["class_names"])
         self.lr_scale = float(state["lr_scale"])
         self.set_frozen_blocks(state["frozen_blocks"])
