@@ -209,10 +209,9 @@ def _ddp_run(images: Path, out: Path, cache_dir: Path) -> None:
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, data)
-    train = next(iter(data.feature_cache.memory.values()))
     torch.save({"hits": data.feature_cache.hits, "misses": data.feature_cache.misses,
                 "entries": {k: (e.paths, e.features) for k, e in data.feature_cache.memory.items()},
-                "first_train_paths": train.paths[:3], "seen": len(trainer.train_dataloader.sampler),
+                "seen": len(trainer.train_dataloader.sampler),
                 "head": {k: v.clone() for k, v in module.head.state_dict().items()}},
                out / f"{cache_dir.name}-rank{trainer.global_rank}.pt")
 

@@ -97,3 +97,15 @@ def test_keep_freed_memory_is_harmless() -> None:
     x = torch.randn(64, 64, 64, 64)  # 64 MB: above glibc's mmap threshold
     del x
     assert torch.randn(64, 64, 64, 64).sum().isfinite()
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_prints_its_ratio() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--steps", "1", "--repeats", "1", "--image-size", "32"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("overhead_ratio=") and float(last.split("=")[1]) > 0
