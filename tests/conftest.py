@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ needs_hymenoptera = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMEN
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never touch the network: a missing weight file must fail fast, not download."""
     monkeypatch.setenv("TRANSFER_LIT_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Single-threaded CPU kernels: runs compared bit for bit must use the same thread count (it changes
+    the summation order), and tiny models run fastest on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyBackbone(Backbone):

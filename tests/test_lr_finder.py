@@ -4,7 +4,6 @@ training starts from exactly the state it would have started from without the sw
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from transfer_lit import ImageDataModule, LRFinder, TransferModule
 from transfer_lit.cli import TransferCLI
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Runs compared bit for bit must use the same thread count (it changes CPU kernels' summation order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Probe(Callback):

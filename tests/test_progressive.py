@@ -4,7 +4,6 @@ what frozen blocks cost, and readable learning-rate monitor names."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,7 @@ from transfer_lit import ProgressiveUnfreezing, TransferModule
 BLOCKS = ["stem", "block1", "block2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and do not fight parallel test workers for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loader(n: int = 24, batch_size: int = 8, seed: int = 0) -> DataLoader:

@@ -8,7 +8,6 @@ thaw steps. Data order is made resumable with a sampler Lightning re-seeds every
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,7 @@ EPOCHS = 5
 SCHEDULE = {1: "block2", 3: ["stem", "block1"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Both runs must use the same thread count: it changes the summation order of CPU kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loader() -> DataLoader:
