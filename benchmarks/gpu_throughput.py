@@ -11,8 +11,9 @@ it measures images/s over ``--steps`` steps after ``--warmup`` steps, and peak G
 
 * ``transfer_lit``       Lightning ``Trainer.fit`` on a ``TransferModule`` with the package's defaults (it
                          picks channels_last for conv nets on CUDA itself), timed between steps by a callback;
-* ``transfer_lit_compile`` the same with ``TransferModule(compile=True)`` (per-block ``torch.compile``);
-* ``transfer_lit_no_check_finite`` (diagnostic) the same with ``check_finite=False`` (no per-step host sync);
+* ``transfer_lit_compile`` the same with ``TransferModule(compile=True)`` (``torch.compile`` of the backbone);
+* ``transfer_lit_no_check_finite`` (diagnostic) the same with ``check_finite=False``: what the deferred
+  (asynchronous) finiteness check still costs;
 * ``hand_eager``         plain loop, default memory format;
 * ``hand_eager_cl``      plain loop, channels_last (conv nets only);
 * ``hand_compile_cl``    plain loop, ``torch.compile``, channels_last for conv nets;
@@ -241,7 +242,7 @@ class Bench:
         """``Trainer.fit`` on a ``TransferModule`` for ``warmup + steps`` steps, timed by a callback.
 
         Everything else is the package's default: it picks channels_last for conv backbones on CUDA
-        itself, and ``compile=True`` is its own per-block ``torch.compile``.
+        itself, and ``compile=True`` is its own ``torch.compile`` of the backbone.
         """
         backbone = self.backbone(name)
         frozen = half_frozen_blocks(backbone) if mode == "progressive" else None
@@ -316,7 +317,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
             else:
                 rows.append((model, mode, "hand_frozen" if mode == "linear_probe" else "hand_half_frozen", 0))
             rows.append((model, mode, "transfer_lit", 0))
-        # Diagnostic: the per-step finiteness check reads the loss on the host (a device sync).
+        # Diagnostic: the finiteness check copies the loss to the host asynchronously each step.
         rows.append((model, "finetune", "transfer_lit_no_check_finite", 2))
     for model in args.compile_models:
         rows.append((model, "finetune", "hand_compile_cl" if is_convnet(model) else "hand_compile", 1))

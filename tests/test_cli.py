@@ -12,7 +12,7 @@ import torch
 from conftest import COLORS, make_image_folder
 
 from transfer_lit import ImageDataModule, TransferModule
-from transfer_lit.cli import TransferCLI, main
+from transfer_lit.cli import TransferCLI, apply_gpu_defaults, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -192,3 +192,26 @@ def test_test_subcommand_prints_report(trained: tuple[list[str], Path], capsys: 
     counts = [[int(v) for v in lines[matrix + 2 + i].split()[1:]] for i in range(3)]
     assert [lines[matrix + 2 + i].split()[0] for i in range(3)] == sorted(COLORS)
     assert [sum(r) for r in counts] == [4, 4, 4]
+
+
+def test_gpu_defaults_fill_only_what_the_user_left_unset() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        unset: dict = {"precision": None, "benchmark": None}
+        apply_gpu_defaults(unset, cuda=True, bf16=True)
+        assert unset == {"precision": "bf16-mixed", "benchmark": True}
+        assert torch.get_float32_matmul_precision() == "high"
+        chosen = {"precision": "32-true", "benchmark": False}
+        apply_gpu_defaults(chosen, cuda=True, bf16=True)
+        assert chosen == {"precision": "32-true", "benchmark": False}
+        deterministic = {"precision": None, "benchmark": None, "deterministic": True}
+        apply_gpu_defaults(deterministic, cuda=True, bf16=False)  # a GPU without bf16 keeps full precision
+        assert deterministic == {"precision": None, "benchmark": None, "deterministic": True}
+        torch.set_float32_matmul_precision("highest")
+        cpu: dict = {"precision": None, "benchmark": None}
+        apply_gpu_defaults(cpu, cuda=False, bf16=False)
+        assert cpu == {"precision": None, "benchmark": None}
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)

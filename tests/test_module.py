@@ -64,6 +64,21 @@ def test_linear_probe_freezes_backbone_and_builds_no_graph_through_it() -> None:
     assert logits.grad_fn is not None and logits.shape == (4, 3)
 
 
+def test_progressive_phase_builds_no_graph_before_the_first_trainable_block() -> None:
+    """Frozen input-side blocks keep no activations for backward, and backward stops where training starts."""
+    model = _model(mode="progressive")
+    model.set_frozen_blocks(["stem", "block1"])
+    outputs: dict[str, torch.Tensor] = {}
+    for name in ("stem", "block1", "block2"):
+        getattr(model.backbone, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert outputs["stem"].grad_fn is None and outputs["block1"].grad_fn is None
+    assert outputs["block2"].grad_fn is not None
+    assert all(p.grad is None for p in model.backbone.stem.parameters())
+    assert all(p.grad is not None for p in model.backbone.block2.parameters())
+
+
 def test_linear_probe_fit_changes_only_the_head(image_folder: Path) -> None:
     model = _model(mode="linear_probe", lr=1e-2)
     backbone_before, head_before = _snapshot(model.backbone), _snapshot(model.head)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from conftest import TinyBackbone
@@ -16,6 +18,7 @@ from transfer_lit.param_groups import (
     build_param_groups,
     group_by_name,
     install_lr_gate,
+    prefer_fused,
     set_gate,
 )
 
@@ -189,3 +192,46 @@ def test_set_gate_validates_block_and_value() -> None:
 def test_policy_rejects_non_positive_values(key: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"model\.{key} must be positive, got {value}"):
         LearningRatePolicy(**{key: value})
+
+
+def _fresh_groups() -> Any:
+    torch.manual_seed(0)
+    backbone, head = TinyBackbone(), LinearHead(16, 3)
+    return lambda: build_param_groups(backbone, head, LearningRatePolicy(layer_decay=0.5))
+
+
+def test_prefer_fused_rebuilds_an_unconfigured_adamw_with_the_same_groups_and_steps() -> None:
+    groups = _fresh_groups()
+    plain = torch.optim.AdamW(groups(), lr=3e-4, betas=(0.8, 0.99))
+    fused = prefer_fused(plain, groups, devices=("cpu",))  # CUDA is the default; the CPU has a fused kernel too
+    assert type(fused) is torch.optim.AdamW and fused is not plain
+    assert all(g["fused"] for g in fused.param_groups) and fused.defaults["betas"] == (0.8, 0.99)
+    keys = ("name", "lr", "weight_decay", "gate")
+    assert [[g[k] for k in keys] for g in fused.param_groups] == [[g[k] for k in keys] for g in plain.param_groups]
+    assert [[id(p) for p in g["params"]] for g in fused.param_groups] == [[id(p) for p in g["params"]]
+                                                                         for g in plain.param_groups]
+    # One step of each from the same weights and gradients lands on the same weights.
+    params = [p for g in plain.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    results = []
+    for optimizer in (plain, fused):
+        with torch.no_grad():
+            for p, s, g in zip(params, start, grads, strict=True):
+                p.copy_(s)
+                p.grad = g.clone()
+        optimizer.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [{"foreach": False}, {"fused": False}, {"differentiable": False, "foreach": True}])
+def test_prefer_fused_keeps_what_the_user_chose(kwargs: dict[str, Any]) -> None:
+    groups = _fresh_groups()
+    chosen = torch.optim.AdamW(groups(), **kwargs)
+    assert prefer_fused(chosen, groups, devices=("cpu",)) is chosen
+    sgd = torch.optim.SGD(groups(), lr=0.1)
+    assert prefer_fused(sgd, groups, devices=("cpu",)) is sgd
+    plain = torch.optim.AdamW(groups())
+    assert prefer_fused(plain, groups) is plain  # default devices: CUDA only, these parameters are on the CPU

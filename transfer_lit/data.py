@@ -139,7 +139,8 @@ def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
         rows = [(path.parent / row["path"], row["label"]) for row in reader]
     missing = [str(p) for p, _ in rows if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{key}={str(path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}")
+        raise FileNotFoundError(
+            f"{key}={str(path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}")
     return rows
 
 

@@ -1,4 +1,9 @@
-"""Classification metrics per stage, and the per-class report printed after ``test``."""
+"""Classification metrics per stage, and the per-class report printed after ``test``.
+
+Training metrics are updated every step, so their update must not read device values on the host (on CUDA
+each read stalls the step until the GPU catches up): no argument validation, no AUROC (it keeps every
+prediction of the epoch on the device), and multiclass rates from :class:`MulticlassRates`.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,65 @@ def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection
         "auroc": AUROC(**kw),
     }
     return MetricCollection(metrics, prefix=f"{prefix}_")
+
+
+class MulticlassRates(Metric):
+    """Accuracy and macro precision / recall / F1 of a multiclass problem, from one confusion matrix.
+
+    The values of torchmetrics' ``Accuracy`` (micro) and macro ``Precision`` / ``Recall`` / ``F1Score`` (classes
+    with no sample and no prediction left out of the average), but the update never synchronises with the
+    device: torchmetrics' multiclass update counts with ``torch.bincount``, which on CUDA reads the range of
+    its input on the host every step. ``compute`` returns ``{"acc", "precision", "recall", "f1"}``.
+
+    Args:
+        num_classes: number of classes.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    confusion: torch.Tensor
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("confusion", torch.zeros(num_classes * num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Count ``(true, predicted)`` pairs; ``probs`` is ``(batch, num_classes)`` (any score, argmax is taken)."""
+        index = target.long().flatten() * self.num_classes + probs.argmax(-1).flatten()
+        self.confusion.index_put_((index,), torch.ones_like(index), accumulate=True)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        confusion = self.confusion.view(self.num_classes, self.num_classes).double()
+        tp = confusion.diag()
+        fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+        present = ((tp + fp + fn) > 0).double()
+
+        def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(b > 0, a / b.clamp(min=1), torch.zeros_like(a))
+
+        def macro(score: torch.Tensor) -> torch.Tensor:
+            return ((score * present).sum() / present.sum().clamp(min=1)).float()
+
+        return {"acc": ratio(tp.sum(), confusion.sum()).float(), "precision": macro(ratio(tp, tp + fp)),
+                "recall": macro(ratio(tp, tp + fn)), "f1": macro(ratio(2 * tp, 2 * tp + fp + fn))}
+
+
+def build_train_metrics(task: Task, num_classes: int) -> MetricCollection:
+    """``train_acc`` / ``train_precision`` / ``train_recall`` / ``train_f1``, updated without a device sync.
+
+    Args:
+        task: ``multiclass``, ``binary`` or ``multilabel``.
+        num_classes: classes (multiclass, binary: 2) or labels (multilabel).
+    """
+    if task == "multiclass":
+        return MetricCollection({"rates": MulticlassRates(num_classes)}, prefix="train_")
+    kw: dict[str, Any] = {"task": "binary"} if task == "binary" else {
+        "task": "multilabel", "num_labels": num_classes, "average": "macro"}
+    kw["validate_args"] = False  # the checks read values on the host
+    metrics = {"acc": Accuracy(**kw), "precision": Precision(**kw), "recall": Recall(**kw), "f1": F1Score(**kw)}
+    return MetricCollection(metrics, prefix="train_")  # type: ignore[arg-type]
 
 
 def build_confusion_matrix(task: Task, num_classes: int) -> Metric:

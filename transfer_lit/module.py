@@ -18,20 +18,23 @@ from typing_extensions import override
 from transfer_lit.backbones.base import as_backbone
 from transfer_lit.checkpoint_check import check_checkpoint_fits
 from transfer_lit.feature_cache import CachedFeatures
+from transfer_lit.finite_check import LossWatch, NonFiniteLossError, diagnose
+from transfer_lit.freezing import (
+    BNPolicy,
+    ThawedGradientSync,
+    hold_gradients,
+    reset_optimizer_state,
+    set_batchnorm_modes,
+    set_requires_grad,
+)
 from transfer_lit.heads import HeadFactory, LinearHead
-from transfer_lit.metrics import Task, build_confusion_matrix, build_metrics, format_report
-from transfer_lit.param_groups import LearningRatePolicy, build_param_groups, install_lr_gate, set_gate
+from transfer_lit.metrics import Task, build_confusion_matrix, build_metrics, build_train_metrics, format_report
+from transfer_lit.param_groups import LearningRatePolicy, build_param_groups, install_lr_gate, prefer_fused, set_gate
 from transfer_lit.preprocessing import Preprocessing, resolve_preprocessing
 
 Mode = Literal["linear_probe", "finetune", "progressive"]
-BNPolicy = Literal["train", "eval", "frozen"]
 _MODES = ("linear_probe", "finetune", "progressive")
 _BN_POLICIES = ("train", "eval", "frozen")
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the message says where."""
 
 
 def _given_hparams() -> bool:
@@ -77,7 +80,8 @@ class TransferModule(LightningModule):
             BatchNorm in eval mode with its affine parameters never trained, even once thawed).
         preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
             what the backbone's weights declare, which wins over the defaults.
-        check_finite: stop with a clear error as soon as the loss is NaN or infinite.
+        check_finite: stop with a clear error when the training loss is NaN or infinite (on CUDA a step or two
+            later, see ``sync_free``).
         compile: ``torch.compile`` the backbone in place (opt-in; checkpoint keys are unchanged). The first
             steps are slow while it compiles, and so are the first steps after each thaw: a thaw changes
             ``requires_grad``, which recompiles the backbone once for the new phase (the recompile limit is
@@ -85,8 +89,15 @@ class TransferModule(LightningModule):
             4,096 images/s compiled vs 2,820 eager.
 
     On CUDA, convolutional backbones (most parameters in ``Conv2d``) run in ``channels_last`` memory
-    format, which is what cuDNN's fastest kernels want; on CPU nothing changes.
+    format, which is what cuDNN's fastest kernels want, the default AdamW is the fused one, and the training
+    step is free of host syncs (``sync_free``); on CPU nothing changes.
     """
+
+    #: Keep the training step free of device-to-host reads, each of which makes the CPU wait for the GPU
+    #: (it cannot queue the next step meanwhile): the per-step loss goes to the logger (every
+    #: ``log_every_n_steps``) but not to the progress bar, ``check_finite`` reads the loss asynchronously
+    #: (a step or two late) and training metrics skip AUROC and argument checks. ``None``: on CUDA only.
+    sync_free: bool | None = None
 
     def __init__(
         self,
@@ -141,8 +152,9 @@ class TransferModule(LightningModule):
         self.preprocessing: Preprocessing = resolve_preprocessing(preprocessing, self.backbone.preprocessing)
         self.lr_scale = 1.0
         self.frozen_blocks: set[str] = set()
-        self.manually_synced: list[nn.Parameter] = []
-        self.train_metrics = build_metrics(task, num_classes, "train")
+        self.thawed_sync = ThawedGradientSync()
+        self.loss_watch = LossWatch(deferred=False)
+        self.train_metrics = build_train_metrics(task, num_classes)
         self.val_metrics = build_metrics(task, num_classes, "val")
         self.test_metrics = build_metrics(task, num_classes, "test")
         self.test_confusion = build_confusion_matrix(task, num_classes)
@@ -171,23 +183,13 @@ class TransferModule(LightningModule):
             raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {names}")
         thawed_now = self.frozen_blocks - blocks
         self.frozen_blocks = blocks
-        for block, params in self.backbone.blocks().items():
-            for _, p in params:
-                p.requires_grad_(self.gate_only or block not in blocks)
-        if self.bn_policy == "frozen":
-            for m in self.backbone.modules():
-                if isinstance(m, _BN_TYPES):
-                    m.requires_grad_(self.gate_only)
+        set_requires_grad(self.backbone, blocks, self.gate_only, self.bn_policy)
         if self._trainer is not None and self.trainer.optimizers:
             optimizer = self.trainer.optimizers[0]
             for block in names:
                 set_gate(optimizer, f"backbone.{block}", 0.0 if block in blocks else 1.0)
-            if self.gate_only:  # frozen, they took zero-gradient steps (see on_before_optimizer_step): start afresh
-                for block in thawed_now:
-                    for _, p in self.backbone.blocks()[block]:
-                        for value in optimizer.state.get(p, {}).values():
-                            if isinstance(value, torch.Tensor):
-                                value.zero_()
+            if self.gate_only:  # frozen, they took zero-gradient steps (see hold_gradients): start afresh
+                reset_optimizer_state(optimizer, [p for b in thawed_now for _, p in self.backbone.blocks()[b]])
         self.train(self.training)
 
     @override
@@ -198,16 +200,8 @@ class TransferModule(LightningModule):
             return self
         if self.mode == "linear_probe":
             self.backbone.eval()
-            return self
-        eval_blocks = self.frozen_blocks if self.bn_policy == "eval" else set()
-        for block in eval_blocks:
-            for m in self.backbone.block_modules(block):
-                if isinstance(m, _BN_TYPES):
-                    m.eval()
-        if self.bn_policy == "frozen":
-            for m in self.backbone.modules():
-                if isinstance(m, _BN_TYPES):
-                    m.eval()
+        else:
+            set_batchnorm_modes(self.backbone, self.frozen_blocks, self.bn_policy)
         return self
 
     # ----------------------------------------------------------------- forward and steps
@@ -252,52 +246,53 @@ class TransferModule(LightningModule):
         # Cached features (data.cache_features) come from this frozen backbone already: only the head runs.
         logits = self.head(x) if isinstance(batch, CachedFeatures) else self(x)
         loss = self.loss(logits, y)
-        if stage == "train" and self.check_finite and not torch.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message(loss, x))
+        if stage == "train" and self.check_finite:
+            self._raise_if_non_finite(self.loss_watch.watch(loss, x, self.global_step, self.current_epoch), x)
         probs = self.probabilities(logits.detach())
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(probs, y)
         if stage == "test":
             self.test_confusion.update(probs if self.task != "binary" else (probs > 0.5).long(), y)
-        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(y))
+        # Lightning reads every progress-bar value on the host after each step: not the step loss when sync-free.
+        prog_bar = stage != "train" or not self._sync_free()
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=prog_bar, batch_size=len(y))
         return loss
+
+    def _sync_free(self) -> bool:
+        return self.device.type == "cuda" if self.sync_free is None else self.sync_free
+
+    def _raise_if_non_finite(self, found: Any, x: object = None) -> None:
+        if found is not None:
+            optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+            raise NonFiniteLossError(diagnose(found, self.named_parameters(), optimizer, x))
 
     def _log_epoch_metrics(self, stage: str) -> None:
         # Logged once per epoch, not per step: each self.log of a Metric object walks Lightning's whole result
         # collection, which cost ~80 ms per step on CPU (5 metrics) and more than the step of a small model.
-        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
+        if stage == "train":  # MulticlassRates computes four values at once: log them, then reset by hand
+            self.log_dict(self.train_metrics.compute())
+            self.train_metrics.reset()
+        else:
+            self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
+
+    @override
+    def on_train_start(self) -> None:
+        self.loss_watch = LossWatch(deferred=self._sync_free())
+
+    @override
+    def on_validation_start(self) -> None:
+        if self.trainer.training and self.check_finite:  # no validation (nor checkpoint) of broken weights
+            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
 
     @override
     def on_train_epoch_end(self) -> None:
+        if self.check_finite:
+            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
         self._log_epoch_metrics("train")
 
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
-
-    def _group_of(self, param: nn.Parameter, name: str) -> tuple[str, float | None]:
-        """Name and learning rate of the optimizer group holding ``param``."""
-        for group in self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []:
-            if any(q is param for q in group["params"]):
-                return str(group.get("name", "?")), float(group["lr"])
-        return ("head" if name.startswith("head.") else "backbone"), None
-
-    def _non_finite_message(self, loss: torch.Tensor, x: torch.Tensor) -> str:
-        where = f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch})"
-        fix = "lower model.lr / model.backbone_lr_mult or clip gradients (trainer.gradient_clip_val)"
-        for name, p in self.named_parameters():
-            if not torch.isfinite(p).all():
-                group, lr = self._group_of(p, name)
-                return f"{where}: parameter {name} of group {group!r} (lr {lr}) holds non-finite values; {fix}"
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).sum())
-            return (f"{where}: the input batch holds {bad} non-finite value(s) of {x.numel()}, with finite weights; "
-                    f"check the data and the preprocessing (a tiny preprocessing.std overflows)")
-        name, p = max(self.named_parameters(), key=lambda item: float(item[1].detach().abs().max()))
-        group, lr = self._group_of(p, name)
-        largest = float(p.detach().abs().max())
-        return (f"{where}: inputs and weights are finite but the forward pass overflowed; the largest weights, "
-                f"|w| = {largest:.3g}, are in parameter {name} of group {group!r} (lr {lr}); {fix}")
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
@@ -349,43 +344,29 @@ class TransferModule(LightningModule):
             self._compiled = True
         # isinstance: ddp_spawn and user subclasses are DDP too; DeepSpeedStrategy subclasses DDPStrategy but is not.
         ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-        if ddp and self.trainer.world_size > 1:
-            # DDP only all-reduces parameters that require grad when it wraps the model. Parameters frozen now
-            # may be thawed later: keep them out of DDP and all-reduce their gradients ourselves.
-            frozen = [(n, p) for n, p in self.named_parameters() if not p.requires_grad]
-            self._ddp_params_and_buffers_to_ignore = [n for n, _ in frozen]
-            self.manually_synced = [p for _, p in frozen]
+        if ddp and self.trainer.world_size > 1:  # blocks frozen now and thawed later: synced by us, not DDP
+            self._ddp_params_and_buffers_to_ignore = self.thawed_sync.take_frozen(self)
 
     @override
     def on_fit_start(self) -> None:
-        if self.manually_synced and torch.distributed.is_initialized():
-            for p in self.manually_synced:  # DDP does not broadcast what it ignores
-                torch.distributed.broadcast(p.data, src=0)
+        self.thawed_sync.broadcast()
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        held = [p for group in optimizer.param_groups if group.get("gate", 1.0) == 0.0 for p in group["params"]]
-        if self.gate_only and self.bn_policy == "frozen":  # BatchNorm shares its block's gate
-            held += [p for m in self.backbone.modules() if isinstance(m, _BN_TYPES) for p in m.parameters(False)]
-        for p in held:
-            if not self.gate_only:
-                p.grad = None
-            elif p.grad is not None:
-                # FSDP's optimizer state dict needs state for every parameter of a sharded unit, so held
-                # parameters take zero-gradient steps: no update (zero LR or zero moments), zero state.
-                p.grad.zero_()
-        grads = [p.grad for p in self.manually_synced if p.grad is not None]
-        if grads and torch.distributed.is_initialized():
-            flat = torch._utils._flatten_dense_tensors(grads)
-            torch.distributed.all_reduce(flat)
-            flat /= torch.distributed.get_world_size()
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-                g.copy_(synced)
+        hold_gradients(optimizer, self.backbone, self.gate_only, self.bn_policy)
+
+    @override
+    def on_after_backward(self) -> None:
+        # Here, right after backward, rather than before the optimizer step: under fp16 the grad scaler checks
+        # the gradients for inf before that, and every rank must see the same (averaged) gradients then.
+        # Under accumulation each micro-batch's reduce is exact: what earlier ones added is the same on every rank.
+        self.thawed_sync.all_reduce()
 
     @override
     def configure_optimizers(self) -> Any:
-        groups = build_param_groups(self.backbone, self.head, self.policy)
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(build_param_groups(self.backbone, self.head, self.policy))
+        if self.device.type == "cuda" and not self.gate_only:
+            optimizer = prefer_fused(optimizer, lambda: build_param_groups(self.backbone, self.head, self.policy))
         install_lr_gate(optimizer, lambda: self.lr_scale, drop_frozen_grads=not self.gate_only)
         for block in self.frozen_blocks:
             set_gate(optimizer, f"backbone.{block}", 0.0)

@@ -11,12 +11,13 @@ saved with the optimizer state). The gate and a global ``lr_scale`` are applied 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.optim import Optimizer
+from torch.optim import Adam, AdamW, Optimizer
 
 from transfer_lit.backbones.base import Backbone
 
@@ -91,6 +92,30 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
                 raise ValueError("a parameter is shared between the backbone and the head; this is not supported")
             seen.add(id(p))
     return groups
+
+
+def prefer_fused(
+    optimizer: Optimizer, groups: Callable[[], list[dict[str, Any]]], devices: tuple[str, ...] = ("cuda",)
+) -> Optimizer:
+    """The same Adam / AdamW with ``fused=True`` when the user chose no implementation and every parameter is
+    a float on one of ``devices``: one kernel per group and step instead of a dozen, with the step counters on
+    the device (the default ``foreach`` implementation keeps them on the host). Anything else is returned as is.
+
+    Args:
+        optimizer: the optimizer built by the user's factory.
+        groups: builds fresh parameter groups (the optimizer filled the first ones with its defaults).
+        devices: device types where the fused implementation is preferred.
+    """
+    defaults = optimizer.defaults
+    chosen = defaults.get("fused") is not None or defaults.get("foreach") is not None
+    chosen = chosen or bool(defaults.get("capturable")) or bool(defaults.get("differentiable"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    on_devices = all(p.device.type in devices and p.is_floating_point() for p in params)
+    if type(optimizer) not in (AdamW, Adam) or chosen or not on_devices:
+        return optimizer
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold Adam's decoupled_weight_decay
+    kwargs = {k: v for k, v in defaults.items() if k in accepted}
+    return type(optimizer)(groups(), **{**kwargs, "fused": True, "foreach": None})
 
 
 def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float], drop_frozen_grads: bool = True) -> None:

@@ -1,0 +1,154 @@
+"""Stop at a NaN or infinite training loss with a diagnosis, without stalling the GPU to look.
+
+Reading a CUDA value on the host (``bool(torch.isfinite(loss))``) makes the CPU wait until the GPU has
+finished everything queued, every step: the next step cannot be queued while the current one runs. So on
+CUDA the check is *deferred*: the loss and whether the input batch was finite are copied to pinned host
+memory asynchronously, and read once the copy has landed (usually one step later). Elsewhere (CPU) a read
+costs nothing and the check is immediate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message says where."""
+
+
+@dataclass(frozen=True)
+class NonFiniteLoss:
+    """A non-finite training loss as found by :class:`LossWatch`."""
+
+    loss: float
+    step: int
+    epoch: int
+    input_finite: bool
+    steps_late: int  # optimizer steps taken since (0 when the check was immediate)
+
+
+@dataclass
+class _Pending:
+    values: torch.Tensor  # host: [loss, input finite (1 / 0)]
+    ready: Callable[[], bool]
+    wait: Callable[[], None]
+    step: int
+    epoch: int
+
+
+class LossWatch:
+    """Watches each training loss; :meth:`watch` returns the first non-finite one it has seen.
+
+    Args:
+        deferred: read the values asynchronously (CUDA) instead of at once.
+        max_lag: at most this many unread steps; beyond, wait for the oldest (the GPU then has that many
+            steps queued, so the wait costs nothing).
+    """
+
+    def __init__(self, deferred: bool, max_lag: int = 4) -> None:
+        self.deferred, self.max_lag = deferred, max_lag
+        self.pending: deque[_Pending] = deque()
+
+    def watch(self, loss: torch.Tensor, x: object, step: int, epoch: int) -> NonFiniteLoss | None:
+        """Record this step's loss (and input ``x`` when it is a tensor); report any non-finite loss seen."""
+        loss = loss.detach().float().reshape(())
+        if not self.deferred:  # a device sync where the loss lives on one
+            value = loss.item()
+            if math.isfinite(value):
+                return None
+            return _report(value, not isinstance(x, torch.Tensor) or bool(torch.isfinite(x).all()), step, epoch, 0)
+        ones = torch.ones((), dtype=loss.dtype, device=loss.device)
+        values = torch.stack([loss, torch.isfinite(x).all().to(loss.dtype) if isinstance(x, torch.Tensor) else ones])
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append(_Pending(host, event.query, event.synchronize, step, epoch))
+        else:  # deferred on a device whose values are host memory already (tests exercise the CUDA logic on CPU)
+            self.pending.append(_Pending(values, lambda: True, lambda: None, step, epoch))
+        return self._collect(step, everything=False)
+
+    def flush(self, step: int) -> NonFiniteLoss | None:
+        """Wait for and check every pending value (end of an epoch, before validation and checkpoints)."""
+        return self._collect(step, everything=True)
+
+    def _collect(self, step: int, everything: bool) -> NonFiniteLoss | None:
+        # Deferred: this step's values are left for later; the previous ones are read once their copy landed.
+        keep = 0 if everything else 1
+        while len(self.pending) > keep:
+            oldest = self.pending[0]
+            if not (everything or len(self.pending) > self.max_lag or oldest.ready()):
+                break
+            oldest.wait()
+            self.pending.popleft()
+            loss, input_finite = _read_host_copy(oldest.values)
+            found = _report(loss, input_finite, oldest.step, oldest.epoch, step - oldest.step)
+            if found is not None:
+                self.pending.clear()
+                return found
+        return None
+
+
+def _read_host_copy(values: torch.Tensor) -> list[float]:
+    """Values already copied to host memory: reading them waits for nothing."""
+    return values.tolist()
+
+
+def _report(loss: float, input_finite: float | bool, step: int, epoch: int, steps_late: int) -> NonFiniteLoss | None:
+    if not math.isfinite(loss):
+        return NonFiniteLoss(loss, step, epoch, bool(input_finite), steps_late)
+    return None
+
+
+def _group_of(optimizer: torch.optim.Optimizer | None, param: nn.Parameter, name: str) -> tuple[str, float | None]:
+    """Name and learning rate of the optimizer group holding ``param``."""
+    for group in optimizer.param_groups if optimizer is not None else []:
+        if any(q is param for q in group["params"]):
+            return str(group.get("name", "?")), float(group["lr"])
+    return ("head" if name.startswith("head.") else "backbone"), None
+
+
+def diagnose(
+    found: NonFiniteLoss,
+    named_parameters: Iterator[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer | None,
+    x: object = None,
+) -> str:
+    """The error message for ``found``: where it happened and the likeliest cause (input, weights, overflow).
+
+    Args:
+        found: what :class:`LossWatch` reported.
+        named_parameters: the model's parameters, as they are now.
+        optimizer: the optimizer, to name the group (and LR) of a parameter.
+        x: the step's input batch when the check was immediate, for a count of its non-finite values.
+    """
+    where = f"training loss is {found.loss} at global step {found.step} (epoch {found.epoch})"
+    if found.steps_late:
+        where += (f", seen {found.steps_late} step(s) later (on GPUs the check runs behind the device so that it "
+                  f"never stalls it; the weights below are after those steps)")
+    fix = "lower model.lr / model.backbone_lr_mult or clip gradients (trainer.gradient_clip_val)"
+    named = list(named_parameters)
+    broken = next(((n, p) for n, p in named if not torch.isfinite(p).all()), None)
+    # Late, the weights took the non-finite step's update: a bad input is then the better clue.
+    if not found.input_finite and (broken is None or found.steps_late):
+        count = " non-finite values"
+        if isinstance(x, torch.Tensor) and not found.steps_late:
+            count = f" {int((~torch.isfinite(x)).sum())} non-finite value(s) of {x.numel()}"
+        weights = ", with finite weights" if broken is None else ""
+        return (f"{where}: the input batch holds{count}{weights}; check the data and the preprocessing "
+                f"(a tiny preprocessing.std overflows)")
+    if broken is not None:
+        group, lr = _group_of(optimizer, broken[1], broken[0])
+        return f"{where}: parameter {broken[0]} of group {group!r} (lr {lr}) holds non-finite values; {fix}"
+    name, p = max(named, key=lambda item: float(item[1].detach().abs().max()))
+    group, lr = _group_of(optimizer, p, name)
+    largest = float(p.detach().abs().max())
+    return (f"{where}: inputs and weights are finite but the forward pass overflowed; the largest weights, "
+            f"|w| = {largest:.3g}, are in parameter {name} of group {group!r} (lr {lr}); {fix}")
