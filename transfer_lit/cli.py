@@ -114,9 +114,9 @@ class TransferCLI(LightningCLI):
         if metrics:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
             print(f"transfer-lit: validation after epoch {self.trainer.current_epoch - 1}: {shown}")
-        best = self.trainer.checkpoint_callback
-        if best is not None and getattr(best, "best_model_path", ""):
-            print(f"transfer-lit: best checkpoint {best.best_model_path}")
+        best_path = getattr(self.trainer.checkpoint_callback, "best_model_path", None)
+        if best_path:
+            print(f"transfer-lit: best checkpoint {best_path}")
 
     def before_validate(self) -> None:
         self._resolve_last_checkpoint()

@@ -148,6 +148,7 @@ class TransferModule(LightningModule):
         self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
         self.label_smoothing, self.check_finite = label_smoothing, check_finite
         self.compile_blocks, self.channels_last = compile, False
+        self.class_weights: torch.Tensor | None
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
         self.preprocessing: Preprocessing = resolve_preprocessing(preprocessing, self.backbone.preprocessing)
         self.lr_scale = 1.0
