@@ -180,3 +180,13 @@ def test_transfer_gain_smoke_prints_table_and_json(tmp_path: Path) -> None:
     assert set(summary) == {"scratch", "linear_probe"}
     assert all(0.0 <= v <= 1.0 for v in summary.values())
     assert "best val acc" in proc.stdout
+
+
+def test_input_pipeline_compares_both_loaders_on_generated_jpegs(capsys: pytest.CaptureFixture) -> None:
+    script = load_script("input_pipeline")
+    summary = script.main(["--generate", "24", "--workers", "0", "--batch-size", "8", "--epochs", "1",
+                           "--repeats", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("input_pipeline_ratio=") and float(last.split("=")[1]) > 0
+    assert summary["images"] == 24
+    assert set(summary["images_per_s"]) == {"torchvision", "transfer_lit"}  # type: ignore[arg-type]

@@ -165,11 +165,16 @@ def test_predict_loader_returns_paths(image_folder: Path) -> None:
 # ----------------------------------------------------------------- DataLoader defaults
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (4, 3), (64, 8)])
-def test_default_num_workers_from_core_count(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+@pytest.mark.parametrize(("cores", "devices", "cuda", "workers"), [
+    (1, 1, False, 0), (2, 1, False, 1), (4, 1, False, 3), (64, 1, False, 8),
+    (2, 1, True, 1), (16, 1, True, 15), (64, 1, True, 16), (64, 8, True, 7), (8, 8, True, 0),
+])
+def test_default_num_workers_from_core_count(
+    monkeypatch: pytest.MonkeyPatch, cores: int, devices: int, cuda: bool, workers: int
+) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
-    assert default_num_workers() == workers
+    assert default_num_workers(devices, cuda) == workers
 
 
 def test_loader_defaults(image_folder: Path) -> None:

@@ -165,10 +165,20 @@ def few_shot(by_class: dict[str, list[Path]], samples_per_class: int, seed: int,
     return {c: sorted(rng.sample(list(files), samples_per_class)) for c, files in by_class.items()}
 
 
-def default_num_workers() -> int:
-    """One loader worker per core, keeping one core for the training process, at most 8."""
+def default_num_workers(devices: int = 1, cuda: bool | None = None) -> int:
+    """Loader workers per training process: its share of the cores, keeping one for the process itself.
+
+    At most 8 when training runs on the CPU (workers take cores from the model), 16 with CUDA: decoding
+    and cropping a photo takes a core ~6 ms (150-175 images/s per worker measured on full-size JPEGs,
+    ``benchmarks/input_pipeline.py``), so one GPU training at thousands of images/s needs every core it has.
+
+    Args:
+        devices: training processes on this machine (``trainer.num_devices``).
+        cuda: whether training runs on CUDA (default: whether CUDA is available).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    cap = 16 if (torch.cuda.is_available() if cuda is None else cuda) else 8
+    return max(0, min(cap, cores // max(1, devices) - 1))
 
 
 class ImageDataModule(LightningDataModule):
@@ -184,7 +194,8 @@ class ImageDataModule(LightningDataModule):
         samples_per_class: few-shot training: keep this many training images per class (seeded).
         seed: seed of the split and the few-shot subsample.
         batch_size: images per batch (per device).
-        num_workers: loader processes; ``None`` = one per core, keeping one for training.
+        num_workers: loader processes per training process; ``None`` = its share of the cores minus one
+            (at most 8 on CPU, 16 with CUDA).
         augment: extra training augmentation: ``none``, ``trivialaugment`` or ``randaugment``.
         bad_images: what to do with unreadable images: ``error`` (name the file) or ``skip`` (count them).
         scan: decode every image before training to find all unreadable ones at once.
@@ -230,6 +241,7 @@ class ImageDataModule(LightningDataModule):
         if (root is None) == (train_csv is None) and predict_root is None:
             raise ValueError("give exactly one of data.root or data.train_csv")
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
+        self.num_workers_given = num_workers
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
         self.predict_root = predict_root
@@ -296,9 +308,10 @@ class ImageDataModule(LightningDataModule):
         if self.preprocessing is not None:
             return self.preprocessing
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not isinstance(getattr(module, "preprocessing", None), Preprocessing):
+        preprocessing = getattr(module, "preprocessing", None)
+        if not isinstance(preprocessing, Preprocessing):
             raise RuntimeError("ImageDataModule needs `preprocessing` when it is not used with a TransferModule")
-        return module.preprocessing
+        return preprocessing
 
     def setup(self, stage: str) -> None:
         self._read = []
@@ -327,7 +340,7 @@ class ImageDataModule(LightningDataModule):
     def scan_bad_images(self) -> list[BadImageError]:
         """Decode every image once; apply the ``bad_images`` policy to all failures at once."""
         paths = [p for split in self.splits.values() for p, _ in split]
-        bad = scan_images(paths, num_workers=max(1, self.num_workers))
+        bad = scan_images(paths, num_workers=max(1, self.loader_workers()))
         if bad and self.bad_images == "error":
             listing = "\n  ".join(str(e) for e in bad[:20])
             raise BadImageError(bad[0].path, f"{len(bad)} unreadable image(s) (data.bad_images='error'; "
@@ -349,7 +362,7 @@ class ImageDataModule(LightningDataModule):
         self._read.append((split, images))
         backbone = frozen_backbone(module) if cached else None
         if backbone is not None:
-            loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers,
+            loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.loader_workers(),
                              "collate_fn": collate_skipping_bad, "pin_memory": torch.cuda.is_available()}
             entry = self.feature_cache.features(self.trainer, backbone, images, self.splits[split], p, loader_kwargs,
                                                 split)
@@ -360,14 +373,21 @@ class ImageDataModule(LightningDataModule):
                               pin_memory=torch.cuda.is_available())
         return self._dataloader(images, shuffle=train, drop_last=train and len(images) > self.batch_size)
 
+    def loader_workers(self) -> int:
+        """``num_workers``, or the default for this machine and the number of training processes on it."""
+        if self.num_workers_given is not None or self.trainer is None:
+            return self.num_workers
+        return default_num_workers(self.trainer.num_devices, self.trainer.strategy.root_device.type == "cuda")
+
     def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        workers = self.loader_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping_bad,
         )
