@@ -15,7 +15,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from transfer_lit import ImageDataModule, TransferModule, build_eval_transform
-from transfer_lit.data import ImageDataset
 from transfer_lit.feature_cache import (
     CachedFeatures,
     FeatureCache,
@@ -24,6 +23,7 @@ from transfer_lit.feature_cache import (
     resolve_cache_features,
     weights_fingerprint,
 )
+from transfer_lit.images import ImageDataset
 
 
 def _trainer(root: Path, epochs: int = 2, **kwargs) -> Trainer:

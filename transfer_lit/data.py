@@ -13,13 +13,9 @@ data always matches the checkpoint.
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -33,136 +29,17 @@ from transfer_lit.feature_cache import (
     frozen_backbone,
     resolve_cache_features,
 )
-from transfer_lit.images import IMAGE_EXTENSIONS, BadImageError, load_image, scan_images
+from transfer_lit.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    BadImagePolicy,
+    ImageDataset,
+    Sample,
+    collate_skipping_bad,
+    scan_images,
+)
 from transfer_lit.preprocessing import Augment, Preprocessing, build_eval_transform, build_train_transform
-
-Sample = tuple[str, int]
-BadImagePolicy = Literal["error", "skip"]
-
-
-class ImageDataset(Dataset):
-    """``(path, label)`` samples decoded with :func:`~transfer_lit.images.load_image`.
-
-    Args:
-        samples: file paths and integer labels (label -1 for unlabelled prediction inputs).
-        transform: applied to the RGB PIL image.
-        bad_images: ``error`` raises naming the file; ``skip`` returns ``None`` (dropped by the collate) and
-            marks the sample in ``skipped``, a flag per sample in shared memory that loader workers write to.
-        return_path: yield the path instead of the label (for ``predict``).
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        transform: Callable[[Any], torch.Tensor],
-        bad_images: BadImagePolicy = "error",
-        return_path: bool = False,
-    ) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.bad_images = bad_images
-        self.return_path = return_path
-        self.skipped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
-
-    def skipped_paths(self) -> list[str]:
-        """Files the ``skip`` policy left out so far (in this process and its loader workers)."""
-        return [self.samples[i][0] for i in self.skipped.nonzero().flatten().tolist()]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any] | None:
-        path, label = self.samples[index]
-        try:
-            image = load_image(path)
-        except BadImageError:
-            if self.bad_images == "skip":
-                self.skipped[index] = True
-                return None
-            raise
-        return self.transform(image), (path if self.return_path else label)
-
-
-def collate_skipping_bad(batch: list[Any]) -> Any:
-    """Default collate after dropping samples the ``skip`` policy replaced by ``None``."""
-    kept = [item for item in batch if item is not None]
-    if not kept:
-        return None
-    return torch.utils.data.default_collate(kept)
-
-
-def _list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
-    """Image files under ``folder``; other non-hidden files (``.gif``, ``.txt``...) are appended to ``ignored``."""
-    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    if ignored is not None:
-        ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def describe_ignored(ignored: Sequence[Path]) -> str:
-    """``"; ignored 1 file(s) whose extension is not in [...]: {'.gif': 1}, e.g. [...]"`` for the data log line."""
-    if not ignored:
-        return ""
-    by_extension = dict(sorted(Counter(p.suffix.lower() or "(none)" for p in ignored).items()))
-    return (f"; ignored {len(ignored)} file(s) whose extension is not in {list(IMAGE_EXTENSIONS)}: {by_extension}, "
-            f"e.g. {[str(p) for p in sorted(ignored)[:3]]}")
-
-
-def scan_class_folders(root: Path, key: str, ignored: list[Path] | None = None) -> dict[str, list[Path]]:
-    """``{class name: image paths}`` of an ImageFolder-style directory, with clear errors.
-
-    Files with other extensions are left out, as ImageFolder does, and appended to ``ignored``.
-    """
-    if not root.is_dir():
-        raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{key}={str(root)!r} has no class sub-folders; expected {root}/<class name>/<image files>")
-    found = {c: _list_images(root / c, ignored) for c in classes}
-    empty = [c for c, files in found.items() if not files]
-    if empty:
-        raise ValueError(
-            f"{key}={str(root)!r}: class folder(s) {empty} contain no images with extensions {list(IMAGE_EXTENSIONS)}"
-        )
-    return found
-
-
-def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
-    """Rows ``(path, label)`` of a CSV with a ``path,label`` header; relative paths are resolved against its folder."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={str(path)!r}: no such file")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{key}={str(path)!r} must have a header with columns 'path' and 'label', "
-                             f"got {reader.fieldnames}")
-        rows = [(path.parent / row["path"], row["label"]) for row in reader]
-    missing = [str(p) for p, _ in rows if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{key}={str(path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}")
-    return rows
-
-
-def stratified_split(by_class: dict[str, list[Path]], fraction: float, seed: int) -> tuple[dict, dict]:
-    """Hold out ``fraction`` of every class (at least one image where the class has two or more)."""
-    rng = random.Random(seed)
-    train, val = {}, {}
-    for name, files in by_class.items():
-        files = list(files)
-        rng.shuffle(files)
-        n_val = min(len(files) - 1, max(1, round(fraction * len(files)))) if len(files) > 1 else 0
-        val[name], train[name] = sorted(files[:n_val]), sorted(files[n_val:])
-    return train, val
-
-
-def few_shot(by_class: dict[str, list[Path]], samples_per_class: int, seed: int, key: str) -> dict[str, list[Path]]:
-    """Seeded subsample of ``samples_per_class`` images per class."""
-    short = {c: len(f) for c, f in by_class.items() if len(f) < samples_per_class}
-    if short:
-        raise ValueError(f"{key}={samples_per_class} but these classes have fewer training images: {short}")
-    rng = random.Random(seed)
-    return {c: sorted(rng.sample(list(files), samples_per_class)) for c, files in by_class.items()}
+from transfer_lit.splits import describe_ignored, few_shot, list_images, read_csv, scan_class_folders, stratified_split
 
 
 def default_num_workers(devices: int = 1, cuda: bool | None = None) -> int:
@@ -407,7 +284,7 @@ class ImageDataModule(LightningDataModule):
         root = Path(self.predict_root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"data.predict_root={self.predict_root!r}: no such directory")
-        files = _list_images(root)
+        files = list_images(root)
         if not files:
             raise ValueError(f"data.predict_root={self.predict_root!r} holds no images ({list(IMAGE_EXTENSIONS)})")
         dataset = ImageDataset([(str(f), -1) for f in files], build_eval_transform(self.resolved_preprocessing()),

@@ -4,7 +4,7 @@ Every image reaches the model through :func:`load_image`: it decodes the whole f
 JPEG fails here, not silently in a dataloader worker), applies the EXIF orientation, and converts
 every Pillow mode to 8-bit RGB without the classic mistakes (garbage colors under transparent
 pixels, 16-bit images clipped to white). :func:`scan_images` checks a whole dataset up front and
-reports every bad file at once.
+reports every bad file at once; :class:`ImageDataset` serves ``(image, label)`` samples through it.
 
 Truncated files are detected through Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``;
 this module never changes that flag (nor ``Image.MAX_IMAGE_PIXELS``), so if your own code sets it
@@ -16,17 +16,22 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
     "IMAGE_EXTENSIONS",
     "BadImageError",
     "BadImagePolicy",
+    "ImageDataset",
+    "Sample",
+    "collate_skipping_bad",
     "load_image",
     "scan_images",
 ]
@@ -173,3 +178,57 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         return img.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by the JPEG plugin), YCbCr
     return img
+
+
+Sample = tuple[str, int]
+
+
+class ImageDataset(Dataset):
+    """``(path, label)`` samples decoded with :func:`~transfer_lit.images.load_image`.
+
+    Args:
+        samples: file paths and integer labels (label -1 for unlabelled prediction inputs).
+        transform: applied to the RGB PIL image.
+        bad_images: ``error`` raises naming the file; ``skip`` returns ``None`` (dropped by the collate) and
+            marks the sample in ``skipped``, a flag per sample in shared memory that loader workers write to.
+        return_path: yield the path instead of the label (for ``predict``).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Any], torch.Tensor],
+        bad_images: BadImagePolicy = "error",
+        return_path: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.bad_images = bad_images
+        self.return_path = return_path
+        self.skipped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def skipped_paths(self) -> list[str]:
+        """Files the ``skip`` policy left out so far (in this process and its loader workers)."""
+        return [self.samples[i][0] for i in self.skipped.nonzero().flatten().tolist()]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any] | None:
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except BadImageError:
+            if self.bad_images == "skip":
+                self.skipped[index] = True
+                return None
+            raise
+        return self.transform(image), (path if self.return_path else label)
+
+
+def collate_skipping_bad(batch: list[Any]) -> Any:
+    """Default collate after dropping samples the ``skip`` policy replaced by ``None``."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    return torch.utils.data.default_collate(kept)
