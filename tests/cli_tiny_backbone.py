@@ -5,7 +5,7 @@ Run the CLI with ``PYTHONPATH=tests`` and ``--model.backbone.class_path cli_tiny
 
 from __future__ import annotations
 
-import os
+import signal
 import time
 from typing import Any
 
@@ -73,7 +73,9 @@ class SendSignal(Callback):
         ):
             self.sent = True
             for _ in range(self.count):
-                os.kill(os.getpid(), self.signum)
+                # raise_signal runs the Python handler before it returns. os.kill may deliver to another thread
+                # (torch's, tqdm's), and two signals pending at once reach the handler as one.
+                signal.raise_signal(self.signum)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._maybe_send(trainer, "train", batch_idx)
