@@ -152,3 +152,45 @@ def test_multiclass_rates_equal_torchmetrics(num_classes: int) -> None:
     for key, value in got.items():
         assert torch.allclose(value, expected[key].float(), atol=1e-6), key
     assert isinstance(ours["rates"], MulticlassRates)
+
+
+class CudaSyncWarnings(Callback):
+    """``torch.cuda.set_sync_debug_mode('warn')`` from batch 2 to the epoch's last batch; records the warnings."""
+
+    def __init__(self) -> None:
+        self.caught: list[str] = []
+        self._catcher: Any = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 2:
+            import warnings
+
+            self._catcher = warnings.catch_warnings(record=True)
+            self._records = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._catcher is not None and batch_idx == trainer.num_training_batches - 1:
+            torch.cuda.set_sync_debug_mode("default")
+            self.caught = [str(w.message) for w in self._records if "synchroniz" in str(w.message)]
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["finetune", "linear_probe"])
+def test_cuda_training_steps_never_synchronize(tmp_path: Path, mode: str) -> None:
+    """On a real GPU, torch's own sync detector sees no synchronizing call in the training steps."""
+    torch.manual_seed(0)
+    module = TransferModule(TinyBackbone(), num_classes=3, mode=mode)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g))
+    watcher = CudaSyncWarnings()
+    trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
+                      logger=CSVLogger(tmp_path), log_every_n_steps=50, enable_progress_bar=True,
+                      enable_model_summary=False, callbacks=[watcher, FaultTolerance()], default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(data, batch_size=4, pin_memory=True))
+    assert watcher.caught == []
