@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch
 from conftest import COLORS, make_image_folder
 
 from transfer_lit import ImageDataModule, TransferModule
-from transfer_lit.cli import TransferCLI, apply_gpu_defaults, main
+from transfer_lit.cli import TransferCLI, apply_gpu_defaults, main, with_checkpoint_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -215,3 +217,33 @@ def test_gpu_defaults_fill_only_what_the_user_left_unset() -> None:
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# ----------------------------------------------------------------- a checkpoint is enough for predict / test
+
+
+def test_predict_needs_only_the_checkpoint_and_the_images(trained: tuple[list[str], Path], tmp_path: Path) -> None:
+    _, last = trained
+    images = last.parents[4] / "images" / "test"
+    output = tmp_path / "predictions.csv"
+    main(["predict", "--ckpt_path", str(last), "--data.predict_root", str(images), "--data.num_workers", "0",
+          "--prediction_writer.output", str(output), "--trainer.accelerator", "cpu",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {r["prediction"] for r in rows} <= set(COLORS)
+
+
+def test_with_checkpoint_model_puts_the_checkpoint_first_and_leaves_other_commands_alone(
+    trained: tuple[list[str], Path],
+) -> None:
+    _, last = trained
+    argv = ["predict", "--data.predict_root", "x", "--ckpt_path", str(last), "--model.lr", "0.5"]
+    extended = with_checkpoint_model(argv)
+    assert extended[:2] == ["predict", "--model"] and extended[3:] == argv[1:]  # the command line still wins
+    model = json.loads(extended[2])
+    assert model["backbone"]["class_path"] == "transfer_lit.TorchvisionBackbone" and model["num_classes"] == 3
+    assert with_checkpoint_model(["test", f"--ckpt_path={last}"])[1] == "--model"
+    for unchanged in (["predict", "--ckpt_path", "last"], ["fit", "--data.root", "x"],
+                      ["predict", "--ckpt_path", str(last.parent / "missing.ckpt")], ["--ckpt_path"]):
+        assert with_checkpoint_model(unchanged) == unchanged

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import re
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -60,12 +63,42 @@ def apply_gpu_defaults(trainer: dict[str, Any], cuda: bool, bf16: bool) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def with_checkpoint_model(argv: list[str]) -> list[str]:
+    """``argv`` with ``--model <the checkpoint's model hyperparameters>`` right after the subcommand, when
+    ``--ckpt_path`` names a checkpoint file, so that whatever the command line sets comes after (and wins)."""
+    commands = [i for i, arg in enumerate(argv) if arg in ("fit", "validate", "test", "predict")]
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
+    if path is None and "--ckpt_path" in argv[:-1]:
+        path = argv[argv.index("--ckpt_path") + 1]
+    if not commands or path is None or not Path(path).is_file():
+        return argv
+    try:  # mmap: only the hyperparameters are read, not gigabytes of weights
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    except Exception:  # not a checkpoint: Lightning reports it with its own message later
+        return argv
+    model = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if not model or "_class_path" in hparams:  # saved outside this CLI's model class
+        return argv
+    at = commands[0] + 1
+    return [*argv[:at], "--model", json.dumps(model), *argv[at:]]
+
+
 class TransferCLI(LightningCLI):
     """LightningCLI for :class:`TransferModule` and :class:`ImageDataModule`.
 
     The number and names of the classes flow from the data to the model; the preprocessing flows
     from the backbone's weights to the data at run time (``ImageDataModule.resolved_preprocessing``).
     """
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI, but a ``--ckpt_path`` file supplies the model's required arguments (``model.backbone``):
+        ``predict --ckpt_path X --data.predict_root Y`` needs no recipe. LightningCLI applies the checkpoint's
+        hyperparameters over the parsed config afterwards, but only once the required ones were given."""
+        if isinstance(args, dict | Namespace):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        self.config = parser.parse_args(with_checkpoint_model(argv))
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
