@@ -95,8 +95,9 @@ class TransferModule(LightningModule):
 
     #: Keep the training step free of device-to-host reads, each of which makes the CPU wait for the GPU
     #: (it cannot queue the next step meanwhile): the per-step loss goes to the logger (every
-    #: ``log_every_n_steps``) but not to the progress bar, ``check_finite`` reads the loss asynchronously
-    #: (a step or two late) and training metrics skip AUROC and argument checks. ``None``: on CUDA only.
+    #: ``log_every_n_steps``) but not to the progress bar, and ``check_finite`` reads the loss asynchronously
+    #: (a step or two late). ``None``: on CUDA only. (Training metrics never read the device: accuracy and macro
+    #: precision / recall / F1 without argument checks; AUROC is computed for validation and test only.)
     sync_free: bool | None = None
 
     def __init__(
