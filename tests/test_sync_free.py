@@ -23,7 +23,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer_lit import FaultTolerance, NonFiniteLossError, TransferModule
+from transfer_lit import FaultTolerance, ImageDataModule, NonFiniteLossError, TransferModule
+from transfer_lit.feature_cache import FeatureDataset
 from transfer_lit.finite_check import LossWatch
 from transfer_lit.metrics import MulticlassRates, build_metrics, build_train_metrics
 
@@ -90,6 +91,20 @@ def test_sync_free_training_steps_read_nothing_on_the_host(tmp_path: Path, one_t
     module = TransferModule(TinyBackbone(), num_classes=3, mode=mode)  # type: ignore[arg-type]
     module.sync_free = True  # what CUDA gets by default
     assert _fit(tmp_path, module) == Counter()
+
+
+def test_sync_free_linear_probe_on_cached_features(tmp_path: Path, one_thread: None, image_folder: Path) -> None:
+    torch.manual_seed(0)
+    module = TransferModule(TinyBackbone(), num_classes=3, mode="linear_probe")
+    module.sync_free = True
+    data = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, cache_features=True)
+    window = Window()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
+                      logger=CSVLogger(tmp_path), log_every_n_steps=50, enable_progress_bar=True,
+                      enable_model_summary=False, callbacks=[window, FaultTolerance()], default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert isinstance(trainer.train_dataloader.dataset, FeatureDataset)  # the head trained on cached features
+    assert trainer.num_training_batches >= 8 and window.mode.seen == Counter()
 
 
 def test_the_counter_sees_the_reads_a_cpu_run_makes(tmp_path: Path, one_thread: None) -> None:
