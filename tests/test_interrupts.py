@@ -35,6 +35,19 @@ TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 6  # 3 classes x 8 training images, batch size 4
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_enabled() -> Any:
+    """Ctrl-C works in these tests even when pytest itself runs as a background job or under nohup.
+
+    Those start with SIGINT ignored, which FaultTolerance rightly leaves ignored (and child processes
+    inherit); the tests that send SIGINT would then see runs that never stop. Python's own handler here
+    also gives the subprocesses the default disposition back (a handler is reset to it by exec).
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("interrupts") / "images", {"train": 8, "val": 4}, size=20)
@@ -177,6 +190,17 @@ def test_second_ctrl_c_aborts_at_once_without_saving(images: Path, tmp_path: Pat
     assert not (tmp_path / "lightning_logs/version_0/checkpoints/interrupted.ckpt").exists()
     assert "stopped without saving a new checkpoint" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling given back
+
+
+def test_an_ignored_sigint_stays_ignored(images: Path, tmp_path: Path) -> None:
+    """Started under nohup or as a background job (SIGINT ignored), a Ctrl-C does not stop the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse fixture restores the handler afterwards
+    send = {"signum": int(signal.SIGINT), "epoch": 0, "batch": 1}
+    options = [f"--trainer.callbacks.{key}={value}" for key, value in send.items()]
+    main(fit_args(images, tmp_path, 2, "--trainer.callbacks+=cli_tiny_backbone.SendSignal", *options))
+    assert not (tmp_path / "lightning_logs/version_0/checkpoints/interrupted.ckpt").exists()
+    assert final_checkpoint(tmp_path)["global_step"] == 2 * STEPS_PER_EPOCH  # it ran to the end
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 # ----------------------------------------------------------------- exact resume and atomic writes
