@@ -136,6 +136,30 @@ def test_deferred_check_stops_one_step_late_and_says_so(tmp_path: Path, one_thre
     assert trainer.global_step == 4  # stopped at the next step, not at the epoch's end
 
 
+def test_a_late_nan_stops_the_run_before_validation_and_its_checkpoint(tmp_path: Path, one_thread: None) -> None:
+    class BreakLast(Callback):
+        validated = 0
+
+        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+            if i == trainer.num_training_batches - 1:
+                batch[0].fill_(float("nan"))
+
+        def on_validation_batch_start(self, *args: Any) -> None:
+            self.validated += 1
+
+    torch.manual_seed(0)
+    module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
+    module.sync_free = True
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 3, (24,), generator=g))
+    probe = BreakLast()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, num_sanity_val_steps=0, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[probe, ModelCheckpoint(dirpath=tmp_path)])
+    with pytest.raises(NonFiniteLossError, match=r"global step 5 \(epoch 0\), seen 1 step\(s\) later"):
+        trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    assert probe.validated == 0 and not list(tmp_path.glob("*.ckpt"))
+
+
 def test_loss_watch_reports_the_first_bad_step_and_flushes_at_epoch_end() -> None:
     watch = LossWatch(deferred=True)
     x = torch.ones(2)

@@ -283,7 +283,7 @@ class TransferModule(LightningModule):
 
     @override
     def on_validation_start(self) -> None:
-        if self.trainer.training and self.check_finite:  # no validation (nor checkpoint) of broken weights
+        if self.trainer.state.fn == "fit" and self.check_finite:  # no validation (nor checkpoint) of broken weights
             self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
 
     @override
