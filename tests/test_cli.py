@@ -247,3 +247,12 @@ def test_with_checkpoint_model_puts_the_checkpoint_first_and_leaves_other_comman
     for unchanged in (["predict", "--ckpt_path", "last"], ["fit", "--data.root", "x"],
                       ["predict", "--ckpt_path", str(last.parent / "missing.ckpt")], ["--ckpt_path"]):
         assert with_checkpoint_model(unchanged) == unchanged
+
+
+def test_with_checkpoint_model_leaves_files_it_cannot_use_to_lightning(tmp_path: Path) -> None:
+    text, odd = tmp_path / "notes.ckpt", tmp_path / "odd.ckpt"
+    text.write_text("not a checkpoint")
+    torch.save({"hyper_parameters": {"backbone": b"bytes are not JSON"}}, odd)
+    for path in (text, odd):
+        argv = ["predict", "--ckpt_path", str(path)]
+        assert with_checkpoint_model(argv) == argv

@@ -79,8 +79,12 @@ def with_checkpoint_model(argv: list[str]) -> list[str]:
     model = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if not model or "_class_path" in hparams:  # saved outside this CLI's model class
         return argv
+    try:
+        encoded = json.dumps(model)
+    except (TypeError, ValueError):  # an object jsonargparse could not read back either
+        return argv
     at = commands[0] + 1
-    return [*argv[:at], "--model", json.dumps(model), *argv[at:]]
+    return [*argv[:at], "--model", encoded, *argv[at:]]
 
 
 class TransferCLI(LightningCLI):
