@@ -203,7 +203,7 @@ def _fresh_groups() -> Any:
 def test_prefer_fused_rebuilds_an_unconfigured_adamw_with_the_same_groups_and_steps() -> None:
     groups = _fresh_groups()
     plain = torch.optim.AdamW(groups(), lr=3e-4, betas=(0.8, 0.99))
-    fused = prefer_fused(plain, groups, devices=("cpu",))  # CUDA is the default; the CPU has a fused kernel too
+    fused = prefer_fused(plain, devices=("cpu",))  # CUDA is the default; the CPU has a fused kernel too
     assert type(fused) is torch.optim.AdamW and fused is not plain
     assert all(g["fused"] for g in fused.param_groups) and fused.defaults["betas"] == (0.8, 0.99)
     keys = ("name", "lr", "weight_decay", "gate")
@@ -230,8 +230,52 @@ def test_prefer_fused_rebuilds_an_unconfigured_adamw_with_the_same_groups_and_st
 def test_prefer_fused_keeps_what_the_user_chose(kwargs: dict[str, Any]) -> None:
     groups = _fresh_groups()
     chosen = torch.optim.AdamW(groups(), **kwargs)
-    assert prefer_fused(chosen, groups, devices=("cpu",)) is chosen
+    assert prefer_fused(chosen, devices=("cpu",)) is chosen
     sgd = torch.optim.SGD(groups(), lr=0.1)
-    assert prefer_fused(sgd, groups, devices=("cpu",)) is sgd
+    assert prefer_fused(sgd, devices=("cpu",)) is sgd
     plain = torch.optim.AdamW(groups())
-    assert prefer_fused(plain, groups) is plain  # default devices: CUDA only, these parameters are on the CPU
+    assert prefer_fused(plain) is plain  # default devices: CUDA only, these parameters are on the CPU
+
+
+def test_prefer_fused_keeps_the_groups_the_users_factory_made() -> None:
+    groups = _fresh_groups()
+    extra = nn.Parameter(torch.ones(3))
+    made = groups()
+    made[0]["betas"] = (0.8, 0.9)
+    plain = torch.optim.AdamW([*made, {"params": [extra], "name": "extra"}])
+    fused = prefer_fused(plain, devices=("cpu",))
+    assert fused is not plain and [g["name"] for g in fused.param_groups] == [g["name"] for g in plain.param_groups]
+    assert fused.param_groups[0]["betas"] == (0.8, 0.9) and fused.param_groups[-1]["params"] == [extra]
+
+
+def _amp_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter]) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    loss = sum((p.float() ** 2).sum() for p in params)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    # Lightning refuses to clip for optimizers that unscale internally; this one lets the scaler unscale first.
+    MixedPrecision("16-mixed", "cpu", scaler).clip_gradients(optimizer, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+
+
+def test_prefer_fused_works_with_the_grad_scaler_clipping_and_a_foreach_checkpoint() -> None:
+    groups = _fresh_groups()
+    plain = torch.optim.AdamW(groups())
+    params = [p for g in plain.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    _amp_step(plain, torch.amp.GradScaler("cpu", init_scale=1024.0), params)
+    after_plain = [p.detach().clone() for p in params]
+    saved = plain.state_dict()  # a foreach checkpoint: its groups say fused=None
+    with torch.no_grad():
+        for p, s in zip(params, start, strict=True):
+            p.copy_(s)
+    fused = prefer_fused(torch.optim.AdamW(groups()), devices=("cpu",))
+    _amp_step(fused, torch.amp.GradScaler("cpu", init_scale=1024.0), params)
+    for a, b in zip(after_plain, params, strict=True):
+        torch.testing.assert_close(a, b)
+    fused.load_state_dict(saved)
+    assert all(g["fused"] for g in fused.param_groups)  # resuming that checkpoint keeps the fused kernel
+    _amp_step(fused, torch.amp.GradScaler("cpu"), params)  # and steps under the scaler

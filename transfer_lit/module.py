@@ -80,7 +80,7 @@ class TransferModule(LightningModule):
             BatchNorm in eval mode with its affine parameters never trained, even once thawed).
         preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
             what the backbone's weights declare, which wins over the defaults.
-        check_finite: stop with a clear error when the training loss is NaN or infinite (on CUDA a step or two
+        check_finite: stop with a clear error when the training loss is NaN or infinite (on CUDA two steps
             later, see ``sync_free``).
         compile: ``torch.compile`` the backbone in place (opt-in; checkpoint keys are unchanged). The first
             steps are slow while it compiles, and so are the first steps after each thaw: a thaw changes
@@ -96,7 +96,7 @@ class TransferModule(LightningModule):
     #: Keep the training step free of device-to-host reads, each of which makes the CPU wait for the GPU
     #: (it cannot queue the next step meanwhile): the per-step loss goes to the logger (every
     #: ``log_every_n_steps``) but not to the progress bar, and ``check_finite`` reads the loss asynchronously
-    #: (a step or two late). ``None``: on CUDA only. (Training metrics never read the device: accuracy and macro
+    #: (two steps late). ``None``: on CUDA only. (Training metrics never read the device: accuracy and macro
     #: precision / recall / F1 without argument checks; AUROC is computed for validation and test only.)
     sync_free: bool | None = None
 
@@ -278,10 +278,6 @@ class TransferModule(LightningModule):
             self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
 
     @override
-    def on_train_start(self) -> None:
-        self.loss_watch = LossWatch(deferred=self._sync_free())
-
-    @override
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit" and self.check_finite:  # no validation (nor checkpoint) of broken weights
             self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
@@ -351,6 +347,7 @@ class TransferModule(LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        self.loss_watch = LossWatch(deferred=self._sync_free())  # before the sanity check; nothing left from a last fit
         self.thawed_sync.broadcast()
 
     @override
@@ -359,6 +356,7 @@ class TransferModule(LightningModule):
 
     @override
     def on_after_backward(self) -> None:
+        """Averages the gradients of blocks thawed after DDP wrapped the model: call ``super()`` when overriding."""
         # Here, right after backward, rather than before the optimizer step: under fp16 the grad scaler checks
         # the gradients for inf before that, and every rank must see the same (averaged) gradients then.
         # Under accumulation each micro-batch's reduce is exact: what earlier ones added is the same on every rank.
@@ -368,7 +366,7 @@ class TransferModule(LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(build_param_groups(self.backbone, self.head, self.policy))
         if self.device.type == "cuda" and not self.gate_only:
-            optimizer = prefer_fused(optimizer, lambda: build_param_groups(self.backbone, self.head, self.policy))
+            optimizer = prefer_fused(optimizer)
         install_lr_gate(optimizer, lambda: self.lr_scale, drop_frozen_grads=not self.gate_only)
         for block in self.frozen_blocks:
             set_gate(optimizer, f"backbone.{block}", 0.0)
@@ -382,6 +380,8 @@ class TransferModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.check_finite and self._trainer is not None and self.trainer.state.fn == "fit":
+            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))  # never save weights a NaN step broke
         checkpoint["transfer_lit"] = {
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": list(self.class_names),

@@ -94,16 +94,17 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
     return groups
 
 
-def prefer_fused(
-    optimizer: Optimizer, groups: Callable[[], list[dict[str, Any]]], devices: tuple[str, ...] = ("cuda",)
-) -> Optimizer:
-    """The same Adam / AdamW with ``fused=True`` when the user chose no implementation and every parameter is
-    a float on one of ``devices``: one kernel per group and step instead of a dozen, with the step counters on
-    the device (the default ``foreach`` implementation keeps them on the host). Anything else is returned as is.
+def prefer_fused(optimizer: Optimizer, devices: tuple[str, ...] = ("cuda",)) -> Optimizer:
+    """The same Adam / AdamW, same groups, with ``fused=True`` when the user chose no implementation and every
+    parameter is a float on one of ``devices``: one kernel per group and step instead of a dozen, with the step
+    counters on the device (``foreach`` keeps them on the host). Anything else is returned as it is.
+
+    The fused optimizer takes part in mixed precision like any other: gradients are unscaled (fp16) before
+    hooks and clipping see them, which Lightning requires to clip (it refuses optimizers that unscale
+    internally). Loading a state dict saved without ``fused`` keeps it fused.
 
     Args:
-        optimizer: the optimizer built by the user's factory.
-        groups: builds fresh parameter groups (the optimizer filled the first ones with its defaults).
+        optimizer: the optimizer built by the user's factory, with the groups it made.
         devices: device types where the fused implementation is preferred.
     """
     defaults = optimizer.defaults
@@ -115,7 +116,17 @@ def prefer_fused(
         return optimizer
     accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold Adam's decoupled_weight_decay
     kwargs = {k: v for k, v in defaults.items() if k in accepted}
-    return type(optimizer)(groups(), **{**kwargs, "fused": True, "foreach": None})
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
+    fused = type(optimizer)(groups, **{**kwargs, "fused": True, "foreach": None})
+    fused._step_supports_amp_scaling = False  # type: ignore[attr-defined]  # GradScaler unscales first, as usual
+
+    def keep_fused(opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # load_state_dict replaces the groups, flags included: a checkpoint of a foreach run would undo fused.
+        state_dict["param_groups"] = [{**g, "fused": True, "foreach": None} for g in state_dict["param_groups"]]
+        return state_dict
+
+    fused.register_load_state_dict_pre_hook(keep_fused)
+    return fused
 
 
 def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float], drop_frozen_grads: bool = True) -> None:
