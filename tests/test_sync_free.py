@@ -115,7 +115,7 @@ def test_the_counter_sees_the_reads_a_cpu_run_makes(tmp_path: Path, one_thread: 
     assert by_kind["item"] >= 2 * 8, seen  # the loss check's and the progress bar's, each step
 
 
-def test_deferred_check_stops_one_step_late_and_says_so(tmp_path: Path, one_thread: None) -> None:
+def test_deferred_check_stops_two_steps_late_and_says_so(tmp_path: Path, one_thread: None) -> None:
     class BreakAt(Callback):
         def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
             if i == 3:
@@ -131,9 +131,9 @@ def test_deferred_check_stops_one_step_late_and_says_so(tmp_path: Path, one_thre
     with pytest.raises(NonFiniteLossError) as error:
         trainer.fit(module, DataLoader(data, batch_size=4))
     message = str(error.value)
-    assert message.startswith("training loss is nan at global step 3 (epoch 0), seen 1 step(s) later")
+    assert message.startswith("training loss is nan at global step 3 (epoch 0), seen 2 step(s) later")
     assert "the input batch holds non-finite values" in message
-    assert trainer.global_step == 4  # stopped at the next step, not at the epoch's end
+    assert trainer.global_step == 5  # read two steps later (the same step on every DDP rank), not at epoch end
 
 
 def test_a_late_nan_stops_the_run_before_validation_and_its_checkpoint(tmp_path: Path, one_thread: None) -> None:
@@ -160,12 +160,37 @@ def test_a_late_nan_stops_the_run_before_validation_and_its_checkpoint(tmp_path:
     assert probe.validated == 0 and not list(tmp_path.glob("*.ckpt"))
 
 
-def test_loss_watch_reports_the_first_bad_step_and_flushes_at_epoch_end() -> None:
+def test_a_checkpoint_saved_mid_epoch_is_never_one_a_nan_step_broke(tmp_path: Path, one_thread: None) -> None:
+    class BreakThenSave(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+            if i == 2:
+                batch[0].fill_(float("nan"))
+
+        def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+            if trainer.global_step == 3:  # one step after the NaN: the deferred check has not read it yet
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    torch.manual_seed(0)
+    module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
+    module.sync_free = True
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g))
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[BreakThenSave()])
+    with pytest.raises(NonFiniteLossError, match=r"global step 2 \(epoch 0\), seen 1 step\(s\) later"):
+        trainer.fit(module, DataLoader(data, batch_size=4))
+    assert not (tmp_path / "mid.ckpt").exists()
+
+
+def test_loss_watch_reads_each_step_two_steps_later_and_flushes() -> None:
     watch = LossWatch(deferred=True)
     x = torch.ones(2)
     assert watch.watch(torch.tensor(1.0), x, step=0, epoch=0) is None
-    assert watch.watch(torch.tensor(float("inf")), x, step=1, epoch=0) is None  # read at the next step
-    assert watch.flush(step=2) == watch_result(float("inf"), 1, late=1)
+    assert watch.watch(torch.tensor(float("inf")), x, step=1, epoch=0) is None
+    assert watch.watch(torch.tensor(2.0), x, step=2, epoch=0) is None  # step 0 read here: finite
+    assert watch.watch(torch.tensor(3.0), x, step=3, epoch=0) == watch_result(float("inf"), 1, late=2)
+    assert watch.watch(torch.tensor(float("-inf")), x, step=4, epoch=0) is None
+    assert watch.flush(step=5) == watch_result(float("-inf"), 4, late=1) and not watch.pending
     immediate = LossWatch(deferred=False)
     assert immediate.watch(torch.tensor(float("nan")), x, step=5, epoch=2).steps_late == 0  # type: ignore[union-attr]
 

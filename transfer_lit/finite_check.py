@@ -3,7 +3,7 @@
 Reading a CUDA value on the host (``bool(torch.isfinite(loss))``) makes the CPU wait until the GPU has
 finished everything queued, every step: the next step cannot be queued while the current one runs. So on
 CUDA the check is *deferred*: the loss and whether the input batch was finite are copied to pinned host
-memory asynchronously, and read once the copy has landed (usually one step later). Elsewhere (CPU) a read
+memory asynchronously, and read two steps later, when the copy has long landed. Elsewhere (CPU) a read
 costs nothing and the check is immediate.
 """
 
@@ -36,7 +36,6 @@ class NonFiniteLoss:
 @dataclass
 class _Pending:
     values: torch.Tensor  # host: [loss, input finite (1 / 0)]
-    ready: Callable[[], bool]
     wait: Callable[[], None]
     step: int
     epoch: int
@@ -45,14 +44,17 @@ class _Pending:
 class LossWatch:
     """Watches each training loss; :meth:`watch` returns the first non-finite one it has seen.
 
+    Deferred, a step's values are read ``lag`` steps later: by then the GPU has long finished that step, so
+    waiting for its copy costs nothing, and every DDP rank reads the same step at the same time (a rank
+    that stopped while the others went on into the next all-reduce would hang them).
+
     Args:
-        deferred: read the values asynchronously (CUDA) instead of at once.
-        max_lag: at most this many unread steps; beyond, wait for the oldest (the GPU then has that many
-            steps queued, so the wait costs nothing).
+        deferred: copy the values to the host asynchronously (CUDA) instead of reading them at once.
+        lag: deferred only: how many steps later a step's values are read.
     """
 
-    def __init__(self, deferred: bool, max_lag: int = 4) -> None:
-        self.deferred, self.max_lag = deferred, max_lag
+    def __init__(self, deferred: bool, lag: int = 2) -> None:
+        self.deferred, self.lag = deferred, lag
         self.pending: deque[_Pending] = deque()
 
     def watch(self, loss: torch.Tensor, x: object, step: int, epoch: int) -> NonFiniteLoss | None:
@@ -70,24 +72,19 @@ class LossWatch:
             host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self.pending.append(_Pending(host, event.query, event.synchronize, step, epoch))
+            self.pending.append(_Pending(host, event.synchronize, step, epoch))
         else:  # deferred on a device whose values are host memory already (tests exercise the CUDA logic on CPU)
-            self.pending.append(_Pending(values, lambda: True, lambda: None, step, epoch))
-        return self._collect(step, everything=False)
+            self.pending.append(_Pending(values, lambda: None, step, epoch))
+        return self._collect(step, keep=self.lag)
 
     def flush(self, step: int) -> NonFiniteLoss | None:
-        """Wait for and check every pending value (end of an epoch, before validation and checkpoints)."""
-        return self._collect(step, everything=True)
+        """Wait for and check every pending value (before validation, at epoch end, before a checkpoint)."""
+        return self._collect(step, keep=0)
 
-    def _collect(self, step: int, everything: bool) -> NonFiniteLoss | None:
-        # Deferred: this step's values are left for later; the previous ones are read once their copy landed.
-        keep = 0 if everything else 1
+    def _collect(self, step: int, keep: int) -> NonFiniteLoss | None:
         while len(self.pending) > keep:
-            oldest = self.pending[0]
-            if not (everything or len(self.pending) > self.max_lag or oldest.ready()):
-                break
+            oldest = self.pending.popleft()
             oldest.wait()
-            self.pending.popleft()
             loss, input_finite = _read_host_copy(oldest.values)
             found = _report(loss, input_finite, oldest.step, oldest.epoch, step - oldest.step)
             if found is not None:
