@@ -179,7 +179,9 @@ def test_default_num_workers_from_core_count(
 
 def test_loader_defaults(image_folder: Path) -> None:
     dm = ImageDataModule(root=str(image_folder), preprocessing=SMALL)
-    assert dm.num_workers == default_num_workers()
+    assert dm.num_workers is None and dm.loader_workers() == default_num_workers()
+    dm.num_workers = 0  # set after construction: still what the loaders get
+    assert dm.train_dataloader().num_workers == 0
     for workers in (0, 2):
         dm = ImageDataModule(root=str(image_folder), batch_size=5, num_workers=workers, preprocessing=SMALL)
         train, val = dm.train_dataloader(), dm.val_dataloader()

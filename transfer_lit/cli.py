@@ -46,6 +46,14 @@ def user_error_message(error: BaseException) -> str | None:
     return None
 
 
+def native_bf16() -> bool:
+    """Whether the GPU computes in bf16 itself (Ampere and later), not through emulation (T4, V100: slow)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the including_emulation argument
+        return torch.cuda.is_bf16_supported()
+
+
 def apply_gpu_defaults(trainer: dict[str, Any], cuda: bool, bf16: bool) -> None:
     """Fill in the ``trainer`` settings a GPU run wants and the user left unset (nothing without CUDA).
 
@@ -124,7 +132,7 @@ class TransferCLI(LightningCLI):
         self._checkpoint_classes = {k: config["model"].get(k) for k in ("num_classes", "class_names")}
         trainer = config["trainer"]
         cuda = torch.cuda.is_available()
-        apply_gpu_defaults(trainer, cuda, cuda and torch.cuda.is_bf16_supported())
+        apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
         # Default callbacks are always appended; drop those Lightning refuses when the user switched off what they need.
         unwanted: list[type] = [LearningRateMonitor] if trainer.get("logger") is False else []
         unwanted += [ModelCheckpoint] if trainer.get("enable_checkpointing") is False else []

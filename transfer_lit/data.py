@@ -118,8 +118,7 @@ class ImageDataModule(LightningDataModule):
         if (root is None) == (train_csv is None) and predict_root is None:
             raise ValueError("give exactly one of data.root or data.train_csv")
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
-        self.num_workers_given = num_workers
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
         self.predict_root = predict_root
         if cache_features not in (True, False, "auto"):
@@ -252,8 +251,10 @@ class ImageDataModule(LightningDataModule):
 
     def loader_workers(self) -> int:
         """``num_workers``, or the default for this machine and the number of training processes on it."""
-        if self.num_workers_given is not None or self.trainer is None:
+        if self.num_workers is not None:
             return self.num_workers
+        if self.trainer is None:
+            return default_num_workers()
         return default_num_workers(self.trainer.num_devices, self.trainer.strategy.root_device.type == "cuda")
 
     def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
