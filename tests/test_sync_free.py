@@ -115,70 +115,57 @@ def test_the_counter_sees_the_reads_a_cpu_run_makes(tmp_path: Path, one_thread: 
     assert by_kind["item"] >= 2 * 8, seen  # the loss check's and the progress bar's, each step
 
 
-def test_deferred_check_stops_two_steps_late_and_says_so(tmp_path: Path, one_thread: None) -> None:
-    class BreakAt(Callback):
-        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
-            if i == 3:
-                batch[0].fill_(float("nan"))
+class NaNAt(Callback):
+    """Fills the input of training batch ``index`` (-1: the epoch's last) with NaN; counts validation batches."""
 
+    def __init__(self, index: int) -> None:
+        self.index, self.validated = index, 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+        if i == (trainer.num_training_batches - 1 if self.index < 0 else self.index):
+            batch[0].fill_(float("nan"))
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self.validated += 1
+
+
+def _fit_until_nan(samples: int, *callbacks: Callback, validate: bool = False) -> tuple[Trainer, str]:
+    """A sync-free (CUDA-mode) finetune on CPU that must stop with NonFiniteLossError; returns its message."""
     torch.manual_seed(0)
     module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
     module.sync_free = True
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g))
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[BreakAt()])
+    data = TensorDataset(torch.randn(samples, 3, 32, 32, generator=g), torch.randint(0, 3, (samples,), generator=g))
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, num_sanity_val_steps=0,
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
     with pytest.raises(NonFiniteLossError) as error:
-        trainer.fit(module, DataLoader(data, batch_size=4))
-    message = str(error.value)
+        trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4) if validate else None)
+    return trainer, str(error.value)
+
+
+def test_deferred_check_stops_two_steps_late_and_says_so(one_thread: None) -> None:
+    trainer, message = _fit_until_nan(40, NaNAt(3))
     assert message.startswith("training loss is nan at global step 3 (epoch 0), seen 2 step(s) later")
     assert "the input batch holds non-finite values" in message
     assert trainer.global_step == 5  # read two steps later (the same step on every DDP rank), not at epoch end
 
 
 def test_a_late_nan_stops_the_run_before_validation_and_its_checkpoint(tmp_path: Path, one_thread: None) -> None:
-    class BreakLast(Callback):
-        validated = 0
-
-        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
-            if i == trainer.num_training_batches - 1:
-                batch[0].fill_(float("nan"))
-
-        def on_validation_batch_start(self, *args: Any) -> None:
-            self.validated += 1
-
-    torch.manual_seed(0)
-    module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
-    module.sync_free = True
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 3, (24,), generator=g))
-    probe = BreakLast()
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, num_sanity_val_steps=0, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[probe, ModelCheckpoint(dirpath=tmp_path)])
-    with pytest.raises(NonFiniteLossError, match=r"global step 5 \(epoch 0\), seen 1 step\(s\) later"):
-        trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    probe = NaNAt(-1)
+    _, message = _fit_until_nan(24, probe, ModelCheckpoint(dirpath=tmp_path), validate=True)
+    assert "global step 5 (epoch 0), seen 1 step(s) later" in message
     assert probe.validated == 0 and not list(tmp_path.glob("*.ckpt"))
 
 
 def test_a_checkpoint_saved_mid_epoch_is_never_one_a_nan_step_broke(tmp_path: Path, one_thread: None) -> None:
-    class BreakThenSave(Callback):
-        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
-            if i == 2:
-                batch[0].fill_(float("nan"))
-
+    class SaveAtStep3(Callback):
         def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
             if trainer.global_step == 3:  # one step after the NaN: the deferred check has not read it yet
                 trainer.save_checkpoint(tmp_path / "mid.ckpt")
 
-    torch.manual_seed(0)
-    module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
-    module.sync_free = True
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g))
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[BreakThenSave()])
-    with pytest.raises(NonFiniteLossError, match=r"global step 2 \(epoch 0\), seen 1 step\(s\) later"):
-        trainer.fit(module, DataLoader(data, batch_size=4))
+    _, message = _fit_until_nan(40, NaNAt(2), SaveAtStep3())
+    assert "global step 2 (epoch 0), seen 1 step(s) later" in message
     assert not (tmp_path / "mid.ckpt").exists()
 
 
