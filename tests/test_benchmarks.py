@@ -190,3 +190,17 @@ def test_input_pipeline_compares_both_loaders_on_generated_jpegs(capsys: pytest.
     assert last.startswith("input_pipeline_ratio=") and float(last.split("=")[1]) > 0
     assert summary["images"] == 24
     assert set(summary["images_per_s"]) == {"torchvision", "transfer_lit"}  # type: ignore[arg-type]
+
+
+def test_gpu_check_tests_collect_without_jsonargparse(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh runs these on a GPU box that has no jsonargparse: they must import there."""
+    site = site_without(tmp_path, NOT_ON_GPU_BOX)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "PYTHONNOUSERSITE": "1"}
+    code = ("import sys, pytest\n"
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--collect-only', '-m', 'gpu', '--rootdir', "
+            f"{str(REPO)!r}, {str(REPO / 'tests' / 'test_sync_free.py')!r}, "
+            f"{str(REPO / 'tests' / 'test_performance.py')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 selected" in proc.stdout or "3/" in proc.stdout, proc.stdout[-2000:]

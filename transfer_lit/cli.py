@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -107,7 +106,7 @@ class TransferCLI(LightningCLI):
         """As LightningCLI, but a ``--ckpt_path`` file supplies the model's required arguments (``model.backbone``):
         ``predict --ckpt_path X --data.predict_root Y`` needs no recipe. LightningCLI applies the checkpoint's
         hyperparameters over the parsed config afterwards, but only once the required ones were given."""
-        if isinstance(args, dict | Namespace):
+        if args is not None and not isinstance(args, list):  # a dict or a Namespace: nothing to extend
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
         self.config = parser.parse_args(with_checkpoint_model(argv))
