@@ -68,18 +68,14 @@ class MulticlassRates(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         confusion = self.confusion.view(self.num_classes, self.num_classes).double()
-        tp = confusion.diag()
-        fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-        present = ((tp + fp + fn) > 0).double()
-
-        def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.where(b > 0, a / b.clamp(min=1), torch.zeros_like(a))
+        precision, recall, f1 = class_rates(confusion)
+        present = ((confusion.sum(0) + confusion.sum(1)) > 0).double()  # some sample or some prediction
 
         def macro(score: torch.Tensor) -> torch.Tensor:
             return ((score * present).sum() / present.sum().clamp(min=1)).float()
 
-        return {"acc": ratio(tp.sum(), confusion.sum()).float(), "precision": macro(ratio(tp, tp + fp)),
-                "recall": macro(ratio(tp, tp + fn)), "f1": macro(ratio(2 * tp, 2 * tp + fp + fn))}
+        accuracy = _ratio(confusion.diag().sum(), confusion.sum()).float()
+        return {"acc": accuracy, "precision": macro(precision), "recall": macro(recall), "f1": macro(f1)}
 
 
 def build_train_metrics(task: Task, num_classes: int) -> MetricCollection:
@@ -105,6 +101,17 @@ def build_confusion_matrix(task: Task, num_classes: int) -> Metric:
     return ConfusionMatrix(task="multiclass", num_classes=num_classes if task == "multiclass" else 2)
 
 
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, a / b.clamp(min=1), torch.zeros_like(a))
+
+
+def class_rates(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class precision, recall and F1 of ``(C, C)`` counts (rows true class), 0 where undefined."""
+    confusion = confusion.to(torch.float64)
+    tp, predicted, support = confusion.diag(), confusion.sum(0), confusion.sum(1)
+    return _ratio(tp, predicted), _ratio(tp, support), _ratio(2 * tp, predicted + support)
+
+
 def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
     """Per-class precision / recall / F1 / support table, then the confusion matrix (rows = true class).
 
@@ -113,12 +120,8 @@ def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
         class_names: one name per row.
     """
     confusion = confusion.to(torch.float64)
-    tp = confusion.diag()
     support = confusion.sum(1)
-    predicted = confusion.sum(0)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0 * tp)
+    precision, recall, f1 = class_rates(confusion)
     width = max(12, *(len(n) for n in class_names))
     lines = [f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"]
     for i, name in enumerate(class_names):
