@@ -65,8 +65,8 @@ class LossWatch:
             if math.isfinite(value):
                 return None
             return _report(value, not isinstance(x, torch.Tensor) or bool(torch.isfinite(x).all()), step, epoch, 0)
-        ones = torch.ones((), dtype=loss.dtype, device=loss.device)
-        values = torch.stack([loss, torch.isfinite(x).all().to(loss.dtype) if isinstance(x, torch.Tensor) else ones])
+        input_finite = torch.isfinite(x).all() if isinstance(x, torch.Tensor) else torch.ones_like(loss)
+        values = torch.stack([loss, input_finite.to(loss.dtype)])
         if values.device.type == "cuda":
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)

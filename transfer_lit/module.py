@@ -18,7 +18,7 @@ from typing_extensions import override
 from transfer_lit.backbones.base import as_backbone
 from transfer_lit.checkpoint_check import check_checkpoint_fits
 from transfer_lit.feature_cache import CachedFeatures
-from transfer_lit.finite_check import LossWatch, NonFiniteLossError, diagnose
+from transfer_lit.finite_check import LossWatch, NonFiniteLoss, NonFiniteLossError, diagnose
 from transfer_lit.freezing import (
     BNPolicy,
     ThawedGradientSync,
@@ -263,10 +263,16 @@ class TransferModule(LightningModule):
     def _sync_free(self) -> bool:
         return self.device.type == "cuda" if self.sync_free is None else self.sync_free
 
-    def _raise_if_non_finite(self, found: Any, x: object = None) -> None:
+    def _raise_if_non_finite(self, found: NonFiniteLoss | None, x: object = None) -> None:
         if found is not None:
             optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
             raise NonFiniteLossError(diagnose(found, self.named_parameters(), optimizer, x))
+
+    def _check_deferred_losses(self) -> None:
+        """Read every loss the deferred check still holds: no validation, epoch end or checkpoint of a fit goes
+        ahead with weights a NaN step broke."""
+        if self.check_finite and self._trainer is not None and self.trainer.state.fn == "fit":
+            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
 
     def _log_epoch_metrics(self, stage: str) -> None:
         # Logged once per epoch, not per step: each self.log of a Metric object walks Lightning's whole result
@@ -279,13 +285,11 @@ class TransferModule(LightningModule):
 
     @override
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == "fit" and self.check_finite:  # no validation (nor checkpoint) of broken weights
-            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
+        self._check_deferred_losses()
 
     @override
     def on_train_epoch_end(self) -> None:
-        if self.check_finite:
-            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
+        self._check_deferred_losses()
         self._log_epoch_metrics("train")
 
     @override
@@ -380,8 +384,7 @@ class TransferModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.check_finite and self._trainer is not None and self.trainer.state.fn == "fit":
-            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))  # never save weights a NaN step broke
+        self._check_deferred_losses()
         checkpoint["transfer_lit"] = {
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": list(self.class_names),
