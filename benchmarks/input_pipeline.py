@@ -48,7 +48,7 @@ def generate(root: Path, count: int, seed: int = 0) -> Path:
         folder = root / "train" / f"class_{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         noise = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-        image = Image.fromarray(noise.numpy()).resize((500, 375))
+        image = Image.fromarray(noise.numpy())
         image.save(folder / f"{i}.jpg", quality=rng.randint(80, 95))
     return root
 
