@@ -170,19 +170,21 @@ def test_fit_keeps_the_class_names(trained: tuple[list[str], Path]) -> None:
 # ----------------------------------------------------------------- validate and test subcommands
 
 
-def test_validate_subcommand(trained: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+def _stdout_of(subcommand: str, trained: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``subcommand`` prints for the trained recipe's last checkpoint."""
     common, last = trained
     capsys.readouterr()
-    main(["validate", *common, "--ckpt_path", str(last)])
-    out = capsys.readouterr().out
+    main([subcommand, *common, "--ckpt_path", str(last)])
+    return capsys.readouterr().out
+
+
+def test_validate_subcommand(trained: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = _stdout_of("validate", trained, capsys)
     assert "val_acc" in out and "val_f1" in out
 
 
 def test_test_subcommand_prints_report(trained: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
-    common, last = trained
-    capsys.readouterr()
-    main(["test", *common, "--ckpt_path", str(last)])
-    out = capsys.readouterr().out
+    out = _stdout_of("test", trained, capsys)
     assert "test_acc" in out and "test_auroc" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["class", "precision", "recall", "f1",
