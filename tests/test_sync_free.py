@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_lit import FaultTolerance, ImageDataModule, NonFiniteLossError, TransferModule
 from transfer_lit.feature_cache import FeatureDataset
-from transfer_lit.finite_check import LossWatch
+from transfer_lit.finite_check import LossWatch, NonFiniteLoss
 from transfer_lit.metrics import MulticlassRates, build_metrics, build_train_metrics
 
 HOST_READS = {"item", "__bool__", "tolist", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero",
@@ -182,9 +182,7 @@ def test_loss_watch_reads_each_step_two_steps_later_and_flushes() -> None:
     assert immediate.watch(torch.tensor(float("nan")), x, step=5, epoch=2).steps_late == 0  # type: ignore[union-attr]
 
 
-def watch_result(loss: float, step: int, late: int) -> Any:
-    from transfer_lit.finite_check import NonFiniteLoss
-
+def watch_result(loss: float, step: int, late: int) -> NonFiniteLoss:
     return NonFiniteLoss(loss, step, 0, True, late)
 
 
