@@ -14,7 +14,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
   | tee "$OUT/device.txt"
 if "$PY" -c "import pytest" 2>/dev/null; then
   timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sync_free.py tests/test_performance.py \
-    2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    2>&1 | tee "$OUT/gpu_tests_full.txt" | tail -15 | tee "$OUT/gpu_tests.txt"
 else
   echo "pytest is not installed here: GPU tests skipped" | tee "$OUT/gpu_tests.txt"
 fi

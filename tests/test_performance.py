@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TinyBackbone
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer_lit import ModuleBackbone, TorchvisionBackbone, TransferModule
+from transfer_lit import ModuleBackbone, ProgressiveUnfreezing, TorchvisionBackbone, TransferModule
 from transfer_lit.cli import _keep_freed_memory
 from transfer_lit.module import _convolutional
 
@@ -54,6 +55,41 @@ def test_channels_last_on_cuda(tmp_path: Path) -> None:
             enable_progress_bar=False, default_root_dir=tmp_path).fit(module, _loader())
     assert module.channels_last
     assert module.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _thaw_clip_resume(tmp_path: Path, accelerator: str, precision: str) -> tuple[Trainer, Trainer, torch.Tensor]:
+    """Fit 2 epochs (block2 thawed at epoch 1) with gradient clipping, then resume from last.ckpt for a third."""
+    def run(max_epochs: int, ckpt_path: Path | None) -> tuple[Trainer, TransferModule]:
+        seed_everything(0)
+        module = TransferModule(TinyBackbone(), num_classes=3, mode="progressive")
+        trainer = Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=max_epochs,  # type: ignore[arg-type]
+                          gradient_clip_val=1.0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[ProgressiveUnfreezing(schedule={1: "block2"}),
+                                     ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+                          default_root_dir=tmp_path)
+        trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+        return trainer, module
+
+    seed_everything(0)
+    initial = TinyBackbone().block2[0].weight.detach().clone()  # the same draw as run()'s module
+    first, _ = run(2, None)
+    resumed, _ = run(3, tmp_path / "last.ckpt")
+    return first, resumed, initial
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_cuda_fused_adamw_survives_thaw_clipping_scaler_and_resume(tmp_path: Path, precision: str) -> None:
+    """CUDA's fused AdamW across a mid-run thaw, with gradient clipping, fp16's grad scaler and a resume."""
+    first, resumed, initial = _thaw_clip_resume(tmp_path, "gpu", precision)
+    for trainer in (first, resumed):
+        module = trainer.lightning_module
+        assert all(g.get("fused") for g in trainer.optimizers[0].param_groups)
+        assert module.backbone.block2[0].weight.requires_grad
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert resumed.current_epoch == 3
+    assert not torch.equal(first.lightning_module.backbone.block2[0].weight.cpu(), initial)  # the thawed block trained
 
 
 class ThawAt(Callback):
