@@ -348,7 +348,10 @@ def ratios(results: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str
         finetune = modes.get("finetune", {})
         hand_ft = [r["images_per_s"] for p, r in finetune.items() if p.startswith("hand") and "images_per_s" in r]
         tl_ft = ips(model, "finetune", "transfer_lit")
-        tl_best = max(filter(None, [tl_ft, ips(model, "finetune", "transfer_lit_compile")]), default=None)
+        # Compiled transfer_lit counts only against a compiled hand loop of the same run (not against eager ones).
+        hand_compiled = any("compile" in p for p, r in finetune.items() if p.startswith("hand") and "images_per_s" in r)
+        tl_compiled = ips(model, "finetune", "transfer_lit_compile") if hand_compiled else None
+        tl_best = max(filter(None, [tl_ft, tl_compiled]), default=None)
         out[f"{model}.finetune_vs_best_hand"] = div(tl_best, max(hand_ft, default=None))
         out[f"{model}.finetune_eager_vs_hand_eager_cl"] = div(
             tl_ft, ips(model, "finetune", "hand_eager_cl" if is_convnet(model) else "hand_eager")
