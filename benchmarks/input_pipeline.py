@@ -21,9 +21,11 @@ Last line: ``input_pipeline_ratio=<transfer_lit images/s / torchvision images/s>
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+
+if importlib.util.find_spec("transfer_lit") is None:  # a GPU box with only torch/torchvision/lightning/torchmetrics
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transfer_lit import ImageDataModule
 from transfer_lit.preprocessing import Preprocessing, build_train_transform
