@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, as ONE device call (about 6 minutes on an H100/H200):
-#   1. the GPU tests (no host sync in CUDA training steps, channels_last), when pytest is importable there;
-#   2. benchmarks/gpu_throughput.py (transfer_lit vs hand-written loops, ~4.5 min with its 240 s budget).
+# Everything a session with a lent GPU should run, as ONE device call (200 s of GPU work on an H100, 2026-11-26,
+# before jpeg_fit and gpu_decode were added; those add about a minute):
+#   1. the GPU tests (no host sync in CUDA training steps, channels_last, fused AdamW), when pytest is importable;
+#   2. benchmarks/gpu_throughput.py (transfer_lit vs hand-written loops; 159 s on the H100 with its 240 s budget);
+#   3. benchmarks/jpeg_fit.py (does the loader keep the GPU fed from a JPEG folder?) and gpu_decode.py.
 # Usage on the device machine, from the repository root:  bash benchmarks/gpu_check.sh
 # (arguments go to gpu_throughput.py: `bash benchmarks/gpu_check.sh --tiny` is a CPU smoke run)
-# Results: $OUT/gpu_tests.txt and $OUT/gpu_throughput.json (OUT defaults to ./gpu_check_out). PYTHON picks the interpreter.
+# JPEG_ROOT=DIR gives jpeg_fit/gpu_decode a folder of JPEGs (default: ../shared's hymenoptera, else generated ones).
+# Results: $OUT/gpu_tests.txt, $OUT/gpu_throughput.json, $OUT/jpeg_fit.txt, $OUT/gpu_decode.txt (OUT defaults to
+# ./gpu_check_out). PYTHON picks the interpreter.
 set -u
 PY=${PYTHON:-python}
 OUT=${OUT:-gpu_check_out}
@@ -19,3 +23,11 @@ else
   echo "pytest is not installed here: GPU tests skipped" | tee "$OUT/gpu_tests.txt"
 fi
 timeout 420 "$PY" benchmarks/gpu_throughput.py --json-out "$OUT/gpu_throughput.json" "$@" 2>&1 | tail -40
+tiny=()
+case " $* " in *" --tiny "*) tiny=(--tiny) ;; esac
+root=()
+[ -n "${JPEG_ROOT:-}" ] && root=(--root "$JPEG_ROOT")
+timeout 150 "$PY" benchmarks/jpeg_fit.py "${tiny[@]}" "${root[@]}" 2>&1 | grep -v Warning | tee "$OUT/jpeg_fit.txt" | tail -4
+decode=("${root[@]}")
+[ ${#tiny[@]} -gt 0 ] && decode+=(--generate 6 --passes 1)
+timeout 60 "$PY" benchmarks/gpu_decode.py "${decode[@]}" 2>&1 | tee "$OUT/gpu_decode.txt" | tail -2
