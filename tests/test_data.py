@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COLORS, TinyBackbone, make_image_folder
-from lightning.pytorch import Trainer
+from lightning.pytorch import Trainer, seed_everything
 from PIL import Image
 
 from transfer_lit import BadImageError, ImageDataModule, Preprocessing, TransferModule
 from transfer_lit.data import default_num_workers
+from transfer_lit.feature_cache import CachedFeatures
+from transfer_lit.preprocessing import normalize_images
 
 CLASSES = sorted(COLORS)  # ['blue', 'green', 'red']
 SMALL = Preprocessing(28, 24, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -140,8 +142,10 @@ def test_transforms_come_from_the_module(image_folder: Path) -> None:
     assert dm.resolved_preprocessing() == backbone.preprocessing == module.preprocessing
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         x, y = next(iter(loader))
-        assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float32
+        assert x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8  # normalized on the training device
         assert y.dtype == torch.int64
+        x, y = dm.on_after_batch_transfer([x, y], 0)
+        assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float32
 
 
 def test_explicit_preprocessing_wins(image_folder: Path) -> None:
@@ -151,6 +155,7 @@ def test_explicit_preprocessing_wins(image_folder: Path) -> None:
     assert dm.resolved_preprocessing() == SMALL
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape[-2:] == (24, 24)
+    x = dm.normalize(x)
     # Normalised with the explicit statistics: the blue class' blue channel is far above its red one.
     assert (x[:, 2] - x[:, 0]).mean() > 2
 
@@ -315,3 +320,51 @@ def test_scan_finds_every_bad_file_at_once(image_folder: Path) -> None:
     dm.setup("fit")
     assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 18}
     assert not {str(p) for p in bad} & {p for split in dm.splits.values() for p, _ in split}
+
+
+# ----------------------------------------------------------------------------- normalize_on_device
+
+
+def test_normalizing_on_the_device_equals_normalizing_in_the_workers(image_folder: Path) -> None:
+    on_device = ImageDataModule(root=str(image_folder), batch_size=6, num_workers=0, preprocessing=SMALL)
+    in_workers = ImageDataModule(root=str(image_folder), batch_size=6, num_workers=0, preprocessing=SMALL,
+                                 normalize_on_device=False)
+    (u8, y8), (f32, y32) = next(iter(on_device.val_dataloader())), next(iter(in_workers.val_dataloader()))
+    assert u8.dtype == torch.uint8 and f32.dtype == torch.float32 and torch.equal(y8, y32)
+    assert u8.numel() == f32.numel()  # a quarter of the bytes through shared and pinned memory
+    assert torch.equal(on_device.on_after_batch_transfer([u8, y8], 0)[0], f32)  # the same arithmetic, bit for bit
+    assert normalize_images(u8, SMALL).equal(f32)
+    cached = CachedFeatures(torch.randn(2, 4), torch.tensor([0, 1]))
+    assert on_device.on_after_batch_transfer(cached, 0) is cached  # float batches pass untouched
+
+
+def test_training_is_the_same_whether_workers_or_the_device_normalize(image_folder: Path) -> None:
+    weights = []
+    for normalize_on_device in (True, False):
+        seed_everything(0)
+        dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0,
+                             normalize_on_device=normalize_on_device)
+        module = TransferModule(TinyBackbone(image_size=20), num_classes=dm.num_classes, mode="finetune")
+        Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
+        weights.append(module.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_true_precision_gets_normalized_images_in_its_dtype(image_folder: Path) -> None:
+    """Lightning converts ``*-true`` inputs before the transfer, when they are still uint8: the hook converts after."""
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0)
+    module = TransferModule(TinyBackbone(image_size=20), num_classes=dm.num_classes)
+    trainer = Trainer(accelerator="cpu", devices=1, precision="bf16-true", limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=dm)
+    x = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)[0]
+    assert x.dtype == torch.bfloat16
+
+
+def test_uint8_images_without_the_datamodule_hook_get_a_clear_error(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    module = TransferModule(TinyBackbone(image_size=24), num_classes=dm.num_classes)
+    with pytest.raises(TypeError, match="normalize_on_device"):
+        _trainer().validate(module, dataloaders=dm.val_dataloader())  # a loader, not `datamodule=`

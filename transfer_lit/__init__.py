@@ -9,7 +9,13 @@ from transfer_lit.heads import LinearHead, MLPHead
 from transfer_lit.images import BadImageError, load_image
 from transfer_lit.lr_finder import LRFinder
 from transfer_lit.module import TransferModule
-from transfer_lit.preprocessing import Preprocessing, build_eval_transform, build_train_transform, resolve_preprocessing
+from transfer_lit.preprocessing import (
+    Preprocessing,
+    build_eval_transform,
+    build_train_transform,
+    normalize_images,
+    resolve_preprocessing,
+)
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -31,5 +37,6 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "load_image",
+    "normalize_images",
     "resolve_preprocessing",
 ]

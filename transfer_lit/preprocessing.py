@@ -131,7 +131,9 @@ def resolve_preprocessing(
     return Preprocessing.from_dict({**base.to_dict(), **{k: v for k, v in values.items() if v is not None}})
 
 
-def _to_float_normalized(p: Preprocessing) -> list[Callable[..., Any]]:
+def _to_tensor(p: Preprocessing, normalize: bool) -> list[Callable[..., Any]]:
+    if not normalize:
+        return [v2.PILToTensor()]
     return [
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
@@ -139,24 +141,48 @@ def _to_float_normalized(p: Preprocessing) -> list[Callable[..., Any]]:
     ]
 
 
-def build_eval_transform(p: Preprocessing) -> v2.Compose:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalize: torchvision's eval recipe."""
+def normalize_images(x: torch.Tensor, p: Preprocessing, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """A uint8 ``(..., 3, H, W)`` batch scaled to [0, 1] and normalized, on its own device.
+
+    The same arithmetic as the transforms' ``ToDtype(scale=True)`` + ``Normalize``. ``stats`` are ``p``'s
+    mean and std as ``(3, 1, 1)`` float32 tensors on ``x``'s device (made here when not given).
+    """
+    if stats is None:
+        stats = normalize_stats(p, x.device)
+    mean, std = stats
+    return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+def normalize_stats(p: Preprocessing, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``p``'s mean and std as ``(3, 1, 1)`` float32 tensors on ``device``."""
+    mean = torch.tensor(p.mean, dtype=torch.float32).view(-1, 1, 1).to(device)
+    std = torch.tensor(p.std, dtype=torch.float32).view(-1, 1, 1).to(device)
+    return mean, std
+
+
+def build_eval_transform(p: Preprocessing, normalize: bool = True) -> v2.Compose:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalize: torchvision's eval recipe.
+
+    With ``normalize=False`` it stops at a uint8 tensor (``normalize_images`` does the rest later).
+    """
     interpolation = _INTERPOLATIONS[p.interpolation]
     return v2.Compose(
         [
             v2.Resize(p.resize_size, interpolation=interpolation, antialias=True),
             v2.CenterCrop(p.crop_size),
-            *_to_float_normalized(p),
+            *_to_tensor(p, normalize),
         ]
     )
 
 
-def build_train_transform(p: Preprocessing, augment: Augment = "none") -> v2.Compose:
+def build_train_transform(p: Preprocessing, augment: Augment = "none", normalize: bool = True) -> v2.Compose:
     """RandomResizedCrop + horizontal flip (+ optional TrivialAugment / RandAugment) at the checkpoint's size.
 
     Args:
         p: resolved preprocessing; its crop size, interpolation and statistics are reused.
         augment: extra policy applied on the PIL image before tensor conversion.
+        normalize: end in a normalized float tensor; ``False`` stops at uint8 (see ``normalize_images``).
     """
     interpolation = _INTERPOLATIONS[p.interpolation]
     steps: list[Callable[..., Any]] = [
@@ -169,4 +195,4 @@ def build_train_transform(p: Preprocessing, augment: Augment = "none") -> v2.Com
         steps.append(v2.RandAugment(interpolation=interpolation))
     elif augment != "none":
         raise ValueError(f"data.augment must be one of ['none', 'trivialaugment', 'randaugment'], got {augment!r}")
-    return v2.Compose(steps + _to_float_normalized(p))
+    return v2.Compose(steps + _to_tensor(p, normalize))
