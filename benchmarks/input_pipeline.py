@@ -5,7 +5,11 @@ RandomResizedCrop + flip, scaled and normalized), with the same batch size, work
 (when CUDA is there) and persistent workers:
 
 * ``torchvision``  ``torchvision.datasets.ImageFolder`` + ``DataLoader``: what a hand-written script does;
-* ``transfer_lit`` ``ImageDataModule.train_dataloader()`` (bad-image handling, skipping collate).
+* ``transfer_lit`` ``ImageDataModule.train_dataloader()`` (bad-image handling, skipping collate) with its
+                   default ``normalize_on_device``: the workers deliver uint8 batches; the scaling and
+                   normalization that a training run does on its device is charged here to this process,
+                   on the CPU (``ImageDataModule.normalize``), which is the conservative side;
+* ``transfer_lit_normalize_in_workers`` the same with ``normalize_on_device=False`` (float32 batches).
 
 Each arm runs ``--epochs`` passes per worker count, interleaved, after one warm-up pass (worker start-up
 and the page cache), and reports images/s. Divide a GPU's training throughput by the images/s per worker
@@ -28,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,15 +63,20 @@ def generate(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def images_per_s(loader: DataLoader, epochs: int) -> float:
+Finish = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def images_per_s(loader: DataLoader, epochs: int, finish: Finish = None) -> float:
     count, start = 0, time.perf_counter()
     for _ in range(epochs):
         for x, _ in loader:
+            if finish is not None:
+                x = finish(x)
             count += len(x)
     return count / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def _measure(argv: list[str] | None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--generate", type=int, default=0, help="write this many JPEGs to a temp dir and use them")
@@ -79,21 +89,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     root = generate(Path(temp.name), args.generate or 200) if temp is not None else (args.root or SHARED)
     train = root / "train" if (root / "train").is_dir() else root
     torch.set_num_threads(1)  # the loader's work is in the workers (or, with 0 workers, this one process)
-    results: dict[str, dict[int, list[float]]] = {"torchvision": {}, "transfer_lit": {}}
+    results: dict[str, dict[int, list[float]]] = {"torchvision": {}, "transfer_lit": {},
+                                                   "transfer_lit_normalize_in_workers": {}}
     workers = [int(w) for w in args.workers.split(",")]
     pin = torch.cuda.is_available()
     for w in workers:
         baseline = DataLoader(ImageFolder(str(train), transform=build_train_transform(IMAGENET)), shuffle=True,
                               batch_size=args.batch_size, num_workers=w, pin_memory=pin, persistent_workers=w > 0)
-        data = ImageDataModule(root=str(root), batch_size=args.batch_size, num_workers=w, preprocessing=IMAGENET,
-                               val_fraction=0.01 if not (root / "val").is_dir() else 0.2)
-        data.setup("fit")
-        ours = data.train_dataloader()
-        for loader in (baseline, ours):  # warm-up: worker start-up, page cache
-            images_per_s(loader, 1)
+        arms: dict[str, tuple[DataLoader, Finish]] = {
+            "torchvision": (baseline, None)}
+        for name, on_device in (("transfer_lit", True), ("transfer_lit_normalize_in_workers", False)):
+            data = ImageDataModule(root=str(root), batch_size=args.batch_size, num_workers=w, preprocessing=IMAGENET,
+                                   val_fraction=0.01 if not (root / "val").is_dir() else 0.2,
+                                   normalize_on_device=on_device)
+            data.setup("fit")
+            arms[name] = (data.train_dataloader(), data.normalize if on_device else None)
+        for loader, finish in arms.values():  # warm-up: worker start-up, page cache
+            images_per_s(loader, 1, finish)
         for _ in range(args.repeats):
-            for name, loader in (("torchvision", baseline), ("transfer_lit", ours)):
-                results[name].setdefault(w, []).append(images_per_s(loader, args.epochs))
+            for name, (loader, finish) in arms.items():
+                results[name].setdefault(w, []).append(images_per_s(loader, args.epochs, finish))
         print(f"workers={w}: " + ", ".join(f"{n} {statistics.median(r[w]):.1f} images/s" for n, r in results.items()),
               flush=True)
     summary = {
@@ -102,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     most = max(workers)
     ratio = statistics.median(results["transfer_lit"][most]) / statistics.median(results["torchvision"][most])
+    summary["device_normalize_speedup"] = round(statistics.median(results["transfer_lit"][most]) / statistics.median(
+        results["transfer_lit_normalize_in_workers"][most]), 3)
     if most > 0:
         summary["images_per_s_per_worker"] = round(statistics.median(results["transfer_lit"][most]) / most, 1)
     print(json.dumps(summary))
@@ -109,6 +126,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if temp is not None:
         temp.cleanup()
     return summary
+
+
+def keeping_threads(measure: Callable[[list[str] | None], dict[str, object]], argv: list[str] | None
+                    ) -> dict[str, object]:
+    """``measure(argv)``, then torch's thread count as it was: this process may go on (the tests call main())."""
+    threads = torch.get_num_threads()
+    try:
+        return measure(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    return keeping_threads(_measure, argv)
 
 
 if __name__ == "__main__":

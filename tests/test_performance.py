@@ -57,24 +57,38 @@ def test_channels_last_on_cuda(tmp_path: Path) -> None:
     assert module.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def _thaw_clip_resume(tmp_path: Path, accelerator: str, precision: str) -> tuple[Trainer, Trainer, torch.Tensor]:
-    """Fit 2 epochs (block2 thawed at epoch 1) with gradient clipping, then resume from last.ckpt for a third."""
-    def run(max_epochs: int, ckpt_path: Path | None) -> tuple[Trainer, TransferModule]:
+class BlockSnapshots(Callback):
+    """The first weight of stem, block1 and block2 at train start and at each epoch end, on the CPU."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def _take(self, pl_module: Any) -> None:
+        self.snapshots.append({b: getattr(pl_module.backbone, b)[0].weight.detach().cpu().clone()
+                               for b in ("stem", "block1", "block2")})
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._take(pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self._take(pl_module)
+
+
+def _thaw_clip_resume(tmp_path: Path, accelerator: str, precision: str) -> list[tuple[Trainer, BlockSnapshots]]:
+    """Fit 2 epochs (block2 thawed at epoch 1; clipping at 1e-3, so it always engages), then resume for a third."""
+    runs = []
+    for max_epochs, ckpt_path in ((2, None), (3, tmp_path / "last.ckpt")):
         seed_everything(0)
         module = TransferModule(TinyBackbone(), num_classes=3, mode="progressive")
+        snapshots = BlockSnapshots()
         trainer = Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=max_epochs,  # type: ignore[arg-type]
-                          gradient_clip_val=1.0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          callbacks=[ProgressiveUnfreezing(schedule={1: "block2"}),
+                          gradient_clip_val=1e-3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[ProgressiveUnfreezing(schedule={1: "block2"}), snapshots,
                                      ModelCheckpoint(dirpath=tmp_path, save_last=True)],
                           default_root_dir=tmp_path)
         trainer.fit(module, _loader(), ckpt_path=ckpt_path)
-        return trainer, module
-
-    seed_everything(0)
-    initial = TinyBackbone().block2[0].weight.detach().clone()  # the same draw as run()'s module
-    first, _ = run(2, None)
-    resumed, _ = run(3, tmp_path / "last.ckpt")
-    return first, resumed, initial
+        runs.append((trainer, snapshots))
+    return runs
 
 
 @pytest.mark.gpu
@@ -82,14 +96,19 @@ def _thaw_clip_resume(tmp_path: Path, accelerator: str, precision: str) -> tuple
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_cuda_fused_adamw_survives_thaw_clipping_scaler_and_resume(tmp_path: Path, precision: str) -> None:
     """CUDA's fused AdamW across a mid-run thaw, with gradient clipping, fp16's grad scaler and a resume."""
-    first, resumed, initial = _thaw_clip_resume(tmp_path, "gpu", precision)
+    (first, seen), (resumed, seen_resumed) = _thaw_clip_resume(tmp_path, "gpu", precision)
     for trainer in (first, resumed):
-        module = trainer.lightning_module
         assert all(g.get("fused") for g in trainer.optimizers[0].param_groups)
-        assert module.backbone.block2[0].weight.requires_grad
-        assert all(torch.isfinite(p).all() for p in module.parameters())
+        assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    start, epoch0, epoch1 = seen.snapshots
+    assert torch.equal(epoch0["block2"], start["block2"])  # frozen in epoch 0
+    assert not torch.equal(epoch1["block2"], epoch0["block2"])  # thawed at epoch 1, and the scaler let steps through
+    resumed_start, resumed_end = seen_resumed.snapshots
+    assert torch.equal(resumed_start["block2"], epoch1["block2"])  # the resume starts from last.ckpt's weights
+    assert not torch.equal(resumed_end["block2"], epoch1["block2"])  # and block2 keeps training
+    for frozen in ("stem", "block1"):  # never thawed
+        assert torch.equal(resumed_end[frozen], start[frozen])
     assert resumed.current_epoch == 3
-    assert not torch.equal(first.lightning_module.backbone.block2[0].weight.cpu(), initial)  # the thawed block trained
 
 
 class ThawAt(Callback):
