@@ -156,3 +156,16 @@ def test_from_the_cli(image_folder: Path, tmp_path: Path) -> None:
     assert cli.model.lr_scale == finder.suggestion
     rows = curve.read_text().splitlines()
     assert rows[0] == "lr_scale,loss,smoothed_loss" and len(rows) == 1 + len(finder.losses)
+
+
+def test_sweeps_under_true_half_precision() -> None:
+    """Lightning converts inputs for ``*-true`` precision before the transfer; the sweep does the same."""
+    seed_everything(0)
+    model = TransferModule(TinyBackbone(), num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 3, (16,), generator=g))
+    finder = LRFinder(num_steps=4)
+    Trainer(accelerator="cpu", precision="bf16-true", max_epochs=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[finder]).fit(
+        model, DataLoader(data, batch_size=4))
+    assert len(finder.losses) == 4 and all(math.isfinite(v) for v in finder.losses)

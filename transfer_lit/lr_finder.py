@@ -176,6 +176,7 @@ class LRFinder(Callback):
                 batch = next(batches)
             if batch is None:
                 continue
+            batch = trainer.precision_plugin.convert_input(batch)  # as Lightning's loops do, before the transfer
             batch = trainer.strategy.batch_to_device(batch)
             x, y = batch
             pl_module.lr_scale = self.scale_at(step)
