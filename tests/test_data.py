@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,7 +145,7 @@ def test_transforms_come_from_the_module(image_folder: Path) -> None:
         x, y = next(iter(loader))
         assert x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8  # normalized on the training device
         assert y.dtype == torch.int64
-        x, y = dm.on_after_batch_transfer([x, y], 0)
+        x, y = dm.transfer_batch_to_device([x, y], torch.device("cpu"), 0)
         assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float32
 
 
@@ -332,10 +333,12 @@ def test_normalizing_on_the_device_equals_normalizing_in_the_workers(image_folde
     (u8, y8), (f32, y32) = next(iter(on_device.val_dataloader())), next(iter(in_workers.val_dataloader()))
     assert u8.dtype == torch.uint8 and f32.dtype == torch.float32 and torch.equal(y8, y32)
     assert u8.numel() == f32.numel()  # a quarter of the bytes through shared and pinned memory
-    assert torch.equal(on_device.on_after_batch_transfer([u8, y8], 0)[0], f32)  # the same arithmetic, bit for bit
+    moved = on_device.transfer_batch_to_device([u8, y8], torch.device("cpu"), 0)
+    assert torch.equal(moved[0], f32)  # the same arithmetic, bit for bit
     assert normalize_images(u8, SMALL).equal(f32)
     cached = CachedFeatures(torch.randn(2, 4), torch.tensor([0, 1]))
-    assert on_device.on_after_batch_transfer(cached, 0) is cached  # float batches pass untouched
+    moved_cached = on_device.transfer_batch_to_device(cached, torch.device("cpu"), 0)  # float batches pass untouched
+    assert isinstance(moved_cached, CachedFeatures) and moved_cached.features is cached.features
 
 
 def test_training_is_the_same_whether_workers_or_the_device_normalize(image_folder: Path) -> None:
@@ -359,7 +362,7 @@ def test_true_precision_gets_normalized_images_in_its_dtype(image_folder: Path) 
     trainer = Trainer(accelerator="cpu", devices=1, precision="bf16-true", limit_val_batches=1, logger=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule=dm)
-    x = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)[0]
+    x = dm.transfer_batch_to_device(next(iter(dm.val_dataloader())), torch.device("cpu"), 0)[0]
     assert x.dtype == torch.bfloat16
 
 
@@ -368,3 +371,39 @@ def test_uint8_images_without_the_datamodule_hook_get_a_clear_error(image_folder
     module = TransferModule(TinyBackbone(image_size=24), num_classes=dm.num_classes)
     with pytest.raises(TypeError, match="normalize_on_device"):
         _trainer().validate(module, dataloaders=dm.val_dataloader())  # a loader, not `datamodule=`
+
+
+def test_normalize_follows_the_preprocessing_it_meets(image_folder: Path) -> None:
+    """A data module reused with another checkpoint normalizes with that checkpoint's statistics."""
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(dm.normalize(images), torch.full((1, 3, 2, 2), 2.0))  # (1 - 0.5) / 0.25
+    dm.preprocessing = Preprocessing(28, 24, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert torch.allclose(dm.normalize(images), torch.ones(1, 3, 2, 2))
+
+
+class HookedModule(TransferModule):
+    """Research code's GPU augmentation: it must still run, on normalized float images."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.seen.append((batch[0].dtype, float(batch[0].min())))
+        return batch
+
+
+class HookedData(ImageDataModule):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # no super(): the base does nothing
+        self.seen.append((batch[0].dtype, float(batch[0].min())))
+        return batch
+
+
+@pytest.mark.parametrize("hooked", ["module", "datamodule"])
+def test_a_users_on_after_batch_transfer_runs_and_sees_normalized_images(image_folder: Path, hooked: str) -> None:
+    data_cls = HookedData if hooked == "datamodule" else ImageDataModule
+    dm = data_cls(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    module_cls = HookedModule if hooked == "module" else TransferModule
+    module = module_cls(TinyBackbone(image_size=24), num_classes=dm.num_classes)
+    owner = module if hooked == "module" else dm
+    owner.seen = []  # type: ignore[union-attr]
+    _trainer().fit(module, datamodule=dm)
+    assert owner.seen and all(dtype == torch.float32 for dtype, _ in owner.seen)  # type: ignore[union-attr]
+    assert min(low for _, low in owner.seen) < 0  # type: ignore[union-attr]  # normalized: (0 - 0.5) / 0.25 = -2

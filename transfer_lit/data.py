@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_lit.feature_cache import (
@@ -47,7 +47,7 @@ from transfer_lit.preprocessing import (
     normalize_images,
     normalize_stats,
 )
-from transfer_lit.splits import describe_ignored, few_shot, list_images, read_csv, scan_class_folders, stratified_split
+from transfer_lit.splits import index_splits, list_images
 
 
 def default_num_workers(devices: int = 1, cuda: bool | None = None) -> int:
@@ -93,7 +93,7 @@ class ImageDataModule(LightningDataModule):
             Test and predict always read images; checkpoints hold the full backbone + head.
         feature_cache_dir: folder that keeps cached features across runs (keyed by backbone weights,
             preprocessing, precision and the files' paths, sizes and times); ``None`` = memory only.
-        normalize_on_device: the loader workers stop at uint8 images, and ``on_after_batch_transfer``
+        normalize_on_device: the loader workers stop at uint8 images, and ``transfer_batch_to_device``
             scales and normalizes each batch on the training device: a quarter of the bytes through the
             workers' shared memory, pinned memory and the host-to-device copy, and less work per worker.
             Lightning calls that hook only when this module is passed as ``datamodule=``; ``False``
@@ -135,7 +135,7 @@ class ImageDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
         self.predict_root, self.normalize_on_device = predict_root, normalize_on_device
-        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stats: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # (device, mean, std) -> tensors
         if cache_features not in (True, False, "auto"):
             raise ValueError(f"data.cache_features must be true, false or 'auto', got {cache_features!r}")
         self.cache_features = cache_features
@@ -144,55 +144,13 @@ class ImageDataModule(LightningDataModule):
         self.class_names: list[str] = []
         self._read: list[tuple[str, ImageDataset]] = []  # datasets of the current stage, for the skipped-images report
         if root is not None or train_csv is not None:
-            self._index(root, train_csv, val_csv, test_csv, val_fraction, samples_per_class)
+            self.class_names, self.splits = index_splits(root, train_csv, val_csv, test_csv, val_fraction,
+                                                         samples_per_class, seed)
 
     @property
     def num_classes(self) -> int:
         """Number of classes found in the training data (linked to ``model.num_classes`` by the CLI)."""
         return len(self.class_names)
-
-    def _index(self, root, train_csv, val_csv, test_csv, val_fraction, samples_per_class) -> None:
-        folders: dict[str, dict[str, list[Path]]] = {}
-        ignored: list[Path] = []
-        if root is not None:
-            base = Path(root).expanduser()
-            if not base.is_dir():
-                raise FileNotFoundError(f"data.root={root!r}: no such directory")
-            if (base / "train").is_dir():
-                for split in ("train", "val", "test"):
-                    if (base / split).is_dir():
-                        folders[split] = scan_class_folders(base / split, f"data.root ({split}/)", ignored)
-                if "val" not in folders:
-                    folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, self.seed)
-            elif (base / "val").is_dir() or (base / "test").is_dir():
-                raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder")
-            else:
-                folders["train"], folders["val"] = stratified_split(
-                    scan_class_folders(base, "data.root", ignored), val_fraction, self.seed
-                )
-        else:
-            for split, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
-                if path is not None:
-                    grouped: dict[str, list[Path]] = defaultdict(list)
-                    for file, label in read_csv(Path(path).expanduser(), f"data.{split}_csv"):
-                        grouped[label].append(file)
-                    folders[split] = dict(sorted(grouped.items()))
-            if "val" not in folders:
-                folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, self.seed)
-        self.class_names = sorted(folders["train"])
-        for split in ("val", "test"):
-            extra = sorted(set(folders.get(split, {})) - set(self.class_names))
-            if extra:
-                raise ValueError(f"data: classes {extra} appear in {split} but not in train; train classes are "
-                                 f"{self.class_names}")
-        if samples_per_class is not None:
-            folders["train"] = few_shot(folders["train"], samples_per_class, self.seed, "data.samples_per_class")
-        index = {name: i for i, name in enumerate(self.class_names)}
-        for split, by_class in folders.items():
-            self.splits[split] = [(str(f), index[c]) for c, files in by_class.items() for f in files]
-        counts = {s: len(v) for s, v in self.splits.items()}
-        rank_zero_info(f"transfer_lit data: {len(self.class_names)} classes {self.class_names[:10]}, images {counts}"
-                       f"{describe_ignored(ignored)}")
 
     def resolved_preprocessing(self) -> Preprocessing:
         """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's)."""
@@ -289,18 +247,25 @@ class ImageDataModule(LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 image batch scaled and normalized with the checkpoint's mean and std, on its device."""
-        if images.device not in self._stats:
-            self._stats[images.device] = normalize_stats(self.resolved_preprocessing(), images.device)
-        return normalize_images(images, self.resolved_preprocessing(), self._stats[images.device])
+        p = self.resolved_preprocessing()  # a reused data module may meet another checkpoint's statistics
+        key = (images.device, p.mean, p.std)
+        if key not in self._stats:
+            self._stats[key] = normalize_stats(p, images.device)
+        return normalize_images(images, p, self._stats[key])
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalize the batch's uint8 images on the device (``normalize_on_device``); anything else as is."""
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move the batch, then normalize its uint8 images there (``normalize_on_device``); anything else as is.
+
+        This hook, not ``on_after_batch_transfer``, so that a user's ``on_after_batch_transfer`` (GPU
+        augmentation in a module or a subclass) still runs, and sees normalized float images as before.
+        """
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor) \
                 and batch[0].dtype == torch.uint8:
             images = self.normalize(batch[0])
             if self.trainer is not None:  # Lightning converted the inputs for `*-true` precision before the transfer
                 images = self.trainer.precision_plugin.convert_input(images)
-            batch = [images, *batch[1:]]
+            batch = [images, *batch[1:]] if isinstance(batch, list) else (images, *batch[1:])
         return batch
 
     def train_dataloader(self) -> DataLoader:

@@ -212,9 +212,9 @@ class TransferModule(LightningModule):
         """Pooled backbone features ``(batch, num_features)``; no graph is built in linear-probe mode."""
         if x.dtype == torch.uint8:
             raise TypeError("TransferModule got uint8 images: ImageDataModule(normalize_on_device=True) normalizes "
-                            "them in its on_after_batch_transfer hook, which Lightning calls only when the data module "
-                            "is passed as `datamodule=`; pass it that way, call `datamodule.normalize(images)`, or set "
-                            "data.normalize_on_device=false")
+                            "them in its transfer_batch_to_device hook, which Lightning calls only when the data "
+                            "module is passed as `datamodule=`; pass it that way, call `datamodule.normalize(images)`, "
+                            "or set data.normalize_on_device=false")
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.mode == "linear_probe":

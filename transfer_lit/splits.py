@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from transfer_lit.images import IMAGE_EXTENSIONS
+from lightning.pytorch.utilities import rank_zero_info
+
+from transfer_lit.images import IMAGE_EXTENSIONS, Sample
 
 
 def list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
@@ -83,3 +85,52 @@ def few_shot(by_class: dict[str, list[Path]], samples_per_class: int, seed: int,
         raise ValueError(f"{key}={samples_per_class} but these classes have fewer training images: {short}")
     rng = random.Random(seed)
     return {c: sorted(rng.sample(list(files), samples_per_class)) for c, files in by_class.items()}
+
+
+def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, test_csv: str | None,
+                 val_fraction: float, samples_per_class: int | None, seed: int
+                 ) -> tuple[list[str], dict[str, list[Sample]]]:
+    """``(class names, {split: [(path, class index)]})`` of ``ImageDataModule``'s arguments of the same names."""
+    folders: dict[str, dict[str, list[Path]]] = {}
+    ignored: list[Path] = []
+    if root is not None:
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            raise FileNotFoundError(f"data.root={root!r}: no such directory")
+        if (base / "train").is_dir():
+            for split in ("train", "val", "test"):
+                if (base / split).is_dir():
+                    folders[split] = scan_class_folders(base / split, f"data.root ({split}/)", ignored)
+            if "val" not in folders:
+                folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, seed)
+        elif (base / "val").is_dir() or (base / "test").is_dir():
+            raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder")
+        else:
+            folders["train"], folders["val"] = stratified_split(
+                scan_class_folders(base, "data.root", ignored), val_fraction, seed
+            )
+    else:
+        for split, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
+            if path is not None:
+                grouped: dict[str, list[Path]] = defaultdict(list)
+                for file, label in read_csv(Path(path).expanduser(), f"data.{split}_csv"):
+                    grouped[label].append(file)
+                folders[split] = dict(sorted(grouped.items()))
+        if "val" not in folders:
+            folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, seed)
+    class_names = sorted(folders["train"])
+    for split in ("val", "test"):
+        extra = sorted(set(folders.get(split, {})) - set(class_names))
+        if extra:
+            raise ValueError(f"data: classes {extra} appear in {split} but not in train; train classes are "
+                             f"{class_names}")
+    if samples_per_class is not None:
+        folders["train"] = few_shot(folders["train"], samples_per_class, seed, "data.samples_per_class")
+    index = {name: i for i, name in enumerate(class_names)}
+    splits: dict[str, list[Sample]] = {}
+    for split, by_class in folders.items():
+        splits[split] = [(str(f), index[c]) for c, files in by_class.items() for f in files]
+    counts = {s: len(v) for s, v in splits.items()}
+    rank_zero_info(f"transfer_lit data: {len(class_names)} classes {class_names[:10]}, images {counts}"
+                   f"{describe_ignored(ignored)}")
+    return class_names, splits
