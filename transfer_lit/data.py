@@ -45,7 +45,6 @@ from transfer_lit.preprocessing import (
     build_eval_transform,
     build_train_transform,
     normalize_images,
-    normalize_stats,
 )
 from transfer_lit.splits import index_splits, list_images
 
@@ -135,7 +134,6 @@ class ImageDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
         self.predict_root, self.normalize_on_device = predict_root, normalize_on_device
-        self._stats: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # (device, mean, std) -> tensors
         if cache_features not in (True, False, "auto"):
             raise ValueError(f"data.cache_features must be true, false or 'auto', got {cache_features!r}")
         self.cache_features = cache_features
@@ -247,11 +245,7 @@ class ImageDataModule(LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 image batch scaled and normalized with the checkpoint's mean and std, on its device."""
-        p = self.resolved_preprocessing()  # a reused data module may meet another checkpoint's statistics
-        key = (images.device, p.mean, p.std)
-        if key not in self._stats:
-            self._stats[key] = normalize_stats(p, images.device)
-        return normalize_images(images, p, self._stats[key])
+        return normalize_images(images, self.resolved_preprocessing())
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move the batch, then normalize its uint8 images there (``normalize_on_device``); anything else as is.

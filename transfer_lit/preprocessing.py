@@ -8,6 +8,7 @@ transforms by :func:`build_eval_transform` / :func:`build_train_transform`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -141,24 +142,22 @@ def _to_tensor(p: Preprocessing, normalize: bool) -> list[Callable[..., Any]]:
     ]
 
 
-def normalize_images(x: torch.Tensor, p: Preprocessing, stats: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+def normalize_images(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:
     """A uint8 ``(..., 3, H, W)`` batch scaled to [0, 1] and normalized, on its own device.
 
-    The same arithmetic as the transforms' ``ToDtype(scale=True)`` + ``Normalize``. ``stats`` are ``p``'s
-    mean and std as ``(3, 1, 1)`` float32 tensors on ``x``'s device (made here when not given).
+    The same arithmetic as the transforms' ``ToDtype(scale=True)`` + ``Normalize``.
     """
-    if stats is None:
-        stats = normalize_stats(p, x.device)
-    mean, std = stats
+    mean, std = _channel_stats(p.mean, p.std, x.device)
     return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
-def normalize_stats(p: Preprocessing, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """``p``'s mean and std as ``(3, 1, 1)`` float32 tensors on ``device``."""
-    mean = torch.tensor(p.mean, dtype=torch.float32).view(-1, 1, 1).to(device)
-    std = torch.tensor(p.std, dtype=torch.float32).view(-1, 1, 1).to(device)
-    return mean, std
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as ``(3, 1, 1)`` float32 tensors on ``device``, made once: a copy from Python
+    floats to a GPU waits for it, which a per-batch call must not do."""
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device))
 
 
 def build_eval_transform(p: Preprocessing, normalize: bool = True) -> v2.Compose:
