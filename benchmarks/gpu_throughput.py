@@ -40,6 +40,7 @@ import argparse
 import gc
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import signal
@@ -97,25 +98,33 @@ class Synthetic:
         return self.length
 
 
-class StepTimer(Callback):
-    """Wall time of batches ``warmup .. warmup + steps - 1``, synchronised only at the two ends."""
+class WindowTimer(Callback):
+    """Synchronised wall time at the start of batches ``marks[:-1]`` and after batch ``marks[-1] - 1``:
+    ``durations`` has one entry per window between consecutive marks, once all of them were reached."""
 
-    def __init__(self, warmup: int, steps: int, sync: Callable[[], None]) -> None:
-        self.warmup, self.steps, self.sync = warmup, steps, sync
-        self.start: float | None = None
-        self.seconds: float | None = None
+    def __init__(self, marks: list[int], sync: Callable[[], None]) -> None:
+        self.marks, self.sync = marks, sync
+        self.times: list[float] = []
+
+    @property
+    def durations(self) -> list[float]:
+        if len(self.times) != len(self.marks):
+            return []
+        return [b - a for a, b in itertools.pairwise(self.times)]
+
+    def _mark(self) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.warmup:
-            self.sync()
-            self.start = time.perf_counter()
+        if batch_idx in self.marks[:-1]:
+            self._mark()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx == self.warmup + self.steps - 1 and self.start is not None:
-            self.sync()
-            self.seconds = time.perf_counter() - self.start
+        if batch_idx == self.marks[-1] - 1:
+            self._mark()
 
 
 class ConfigTimeout(Exception):
@@ -256,7 +265,7 @@ class Bench:
         if frozen is not None:  # the phase a ProgressiveUnfreezing schedule reaches half-way
             module.set_frozen_blocks(frozen)
         warmup = max(self.args.warmup, 3) if compile_ else self.args.warmup
-        timer = StepTimer(warmup, self.args.steps, self.sync)
+        timer = WindowTimer([warmup, warmup + self.args.steps], self.sync)
         trainer = Trainer(
             accelerator="gpu" if self.cuda else "cpu",
             devices=1,
@@ -273,7 +282,7 @@ class Bench:
         )
         x, y = self.batch()  # default memory format, as a DataLoader delivers it
         trainer.fit(module, train_dataloaders=Synthetic(x, y, warmup + self.args.steps))
-        return {"images_per_s": self.images_per_s(timer.seconds),
+        return {"images_per_s": self.images_per_s(next(iter(timer.durations), None)),
                 "channels_last": bool(getattr(module, "channels_last", False))}
 
     # ------------------------------------------------------------- one isolated configuration

@@ -24,7 +24,6 @@ Needs torch, torchvision, lightning and torchmetrics. Last line: JSON with ``fed
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -32,16 +31,15 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_throughput import Synthetic  # imports transfer_lit from this checkout if needed
+from gpu_throughput import Synthetic, WindowTimer  # imports transfer_lit from this checkout if needed
 from input_pipeline import IMAGENET, generate
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 
 from transfer_lit import ImageDataModule, TorchvisionBackbone, TransferModule
 from transfer_lit.preprocessing import Preprocessing
@@ -59,28 +57,6 @@ def repeat_folder(train: Path, out: Path, times: int) -> Path:
                 for k in range(times):
                     (target / f"{k}_{image.name}").symlink_to(image.resolve())
     return out
-
-
-class WindowTimer(Callback):
-    """Synchronised wall time at the start of the given batches (and after the last one): one time per window."""
-
-    def __init__(self, marks: list[int], sync: Callable[[], None]) -> None:
-        self.marks, self.sync = marks, sync
-        self.times: list[float] = []
-
-    def _mark(self) -> None:
-        self.sync()
-        self.times.append(time.perf_counter())
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx in self.marks[:-1]:
-            self._mark()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if batch_idx == self.marks[-1] - 1:
-            self._mark()
 
 
 def fit(args: argparse.Namespace, model: str, data: ImageDataModule | None, p: Preprocessing) -> list[float]:
@@ -102,9 +78,9 @@ def fit(args: argparse.Namespace, model: str, data: ImageDataModule | None, p: P
         trainer.fit(module, train_dataloaders=Synthetic(x.to(device), y.to(device), marks[-1]))
     else:
         trainer.fit(module, datamodule=data)
-    if len(timer.times) != len(marks):
+    if not timer.durations:
         raise RuntimeError(f"the timed steps did not complete: {len(timer.times)} of {len(marks)} marks")
-    return [args.batch_size * args.steps / (b - a) for a, b in itertools.pairwise(timer.times)]
+    return [args.batch_size * args.steps / seconds for seconds in timer.durations]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
