@@ -204,7 +204,7 @@ class Bench:
             backbone.eval()
         elif mode == "progressive":
             frozen = set(half_frozen_blocks(backbone))
-            for block, params in backbone.blocks().items():
+            for block, params in backbone.block_params().items():
                 for _, p in params:
                     p.requires_grad_(block not in frozen)
             net.train()
@@ -283,7 +283,7 @@ class Bench:
         x, y = self.batch()  # default memory format, as a DataLoader delivers it
         trainer.fit(module, train_dataloaders=Synthetic(x, y, warmup + self.args.steps))
         return {"images_per_s": self.images_per_s(next(iter(timer.durations), None)),
-                "channels_last": bool(getattr(module, "channels_last", False))}
+                "channels_last": bool(module.speed.channels_last)}
 
     # ------------------------------------------------------------- one isolated configuration
 

@@ -44,11 +44,11 @@ if importlib.util.find_spec("transfer_lit") is None:  # a GPU box with only torc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transfer_lit import ImageDataModule
-from transfer_lit.preprocessing import Preprocessing, build_train_transform
+from transfer_lit.preprocessing import ImagePreprocessing, build_train_transform
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 # ImageNet's own checkpoints' eval recipe (MobileNetV2 IMAGENET1K_V1, ResNet-50 IMAGENET1K_V1).
-IMAGENET = Preprocessing(256, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET = ImagePreprocessing(256, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def generate(root: Path, count: int, seed: int = 0) -> Path:

@@ -42,7 +42,7 @@ from input_pipeline import IMAGENET, generate
 from lightning.pytorch import Trainer
 
 from transfer_lit import ImageDataModule, TorchvisionBackbone, TransferModule
-from transfer_lit.preprocessing import Preprocessing
+from transfer_lit.preprocessing import ImagePreprocessing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 
@@ -59,7 +59,7 @@ def repeat_folder(train: Path, out: Path, times: int) -> Path:
     return out
 
 
-def fit(args: argparse.Namespace, model: str, data: ImageDataModule | None, p: Preprocessing) -> list[float]:
+def fit(args: argparse.Namespace, model: str, data: ImageDataModule | None, p: ImagePreprocessing) -> list[float]:
     """Images/s in each of the two timed windows of one ``Trainer.fit``."""
     cuda = torch.cuda.is_available() and not args.tiny
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = IMAGENET
     if args.tiny:
         args.models, args.batch_size, args.warmup, args.steps = "resnet18", 4, 1, 2
-        p = Preprocessing(36, 32, "bilinear", IMAGENET.mean, IMAGENET.std)
+        p = ImagePreprocessing(36, 32, "bilinear", IMAGENET.mean, IMAGENET.std)
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def run(args: argparse.Namespace, p: Preprocessing) -> dict[str, Any]:
+def run(args: argparse.Namespace, p: ImagePreprocessing) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as temp:
         if args.root is None and not SHARED.is_dir():
             args.root = generate(Path(temp) / "generated", 16 if args.tiny else 200)

@@ -25,7 +25,7 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from transfer_lit import ImageDataModule, TorchvisionBackbone, TransferModule
-from transfer_lit.cli import _keep_freed_memory
+from transfer_lit.speed import keep_freed_memory
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_256"
 
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} not found (the ../shared data folder)")
-    _keep_freed_memory()  # what the transfer-lit command does; it speeds up the uncached arm
+    keep_freed_memory()  # what the transfer-lit command does; it speeds up the uncached arm
 
     runs: dict[str, list[dict[str, Any]]] = {"uncached": [], "cached": []}
     for _ in range(args.repeats):

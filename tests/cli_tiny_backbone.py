@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from transfer_lit import Backbone, Preprocessing
+from transfer_lit import Backbone, ImagePreprocessing
 
 
 class TinyCLIBackbone(Backbone):
@@ -31,7 +31,7 @@ class TinyCLIBackbone(Backbone):
                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_features = 2 * width
         self.delay = delay
-        self.preprocessing = Preprocessing(18, 16, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.preprocessing = ImagePreprocessing(18, 16, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delay:
@@ -46,7 +46,7 @@ class OtherCLIBackbone(Backbone):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_features = 6
-        self.preprocessing = Preprocessing(18, 16, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.preprocessing = ImagePreprocessing(18, 16, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from transfer_lit import Backbone, Preprocessing
+from transfer_lit import Backbone, ImagePreprocessing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 HYMENOPTERA = SHARED / "data" / "hymenoptera_256"
@@ -44,7 +44,22 @@ class TinyBackbone(Backbone):
         self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width),
                                     nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_features = 2 * width
-        self.preprocessing = Preprocessing(image_size + 4, image_size, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.preprocessing = ImagePreprocessing(image_size + 4, image_size, "bilinear", (0.5,) * 3, (0.25,) * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.stem(x)))
+
+
+class MLPBackbone(Backbone):
+    """Three linear blocks on flat inputs, no BatchNorm: what a rank sees of a batch is all that matters to it,
+    so two DDP ranks must train exactly what one process trains on their two batches together."""
+
+    def __init__(self, width: int = 16, inputs: int = 12) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(inputs, width), nn.Tanh())
+        self.block1 = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.block2 = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.num_features = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block2(self.block1(self.stem(x)))

@@ -1,25 +1,27 @@
-"""A two-process CPU (gloo) run through a Lightning Trainer, for tests/test_ddp.py.
+"""Two-process CPU (gloo) runs through a Lightning Trainer, for tests/test_ddp.py.
 
-    python tests/ddp_worker.py OUT_DIR [ddp|fsdp]
+    python tests/ddp_worker.py OUT_DIR [ddp|union]
 
-``ddp``: two CPU processes (gloo); Lightning's launcher re-runs this script for rank 1. ``fsdp``: one
-GPU, to exercise the gate-only freezing path (torch's FSDP refuses CPU). The data differ per rank (the sampler Lightning
-injects shards them), the backbone is thawed mid-training (block2 at epoch 1, block1 at epoch 2, the
-stem stays frozen) and an LRFinder sweep runs first. Each rank saves ``OUT_DIR/rank{r}.pt``: its
+Lightning's launcher re-runs this script for rank 1. ``ddp``: the data differ per rank (the sampler
+Lightning injects shards them), the backbone is thawed mid-training (block2 at epoch 1, block1 at epoch 2,
+the stem stays frozen) and an LRFinder sweep runs first. Each rank saves ``OUT_DIR/rank{r}.pt``: its
 initial and final state dict, the parameters with optimizer state (and its largest value), its
-``lr_scale`` and a checksum of the batches it saw.
+``lr_scale`` and a checksum of the batches it saw. ``union``: the same thaws on a BatchNorm-free MLP with
+SGD, saving the final state dict, to compare against one process trained on the union of the two ranks'
+batches (:func:`union_run`).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import TinyBackbone
+from conftest import MLPBackbone, TinyBackbone
 from lightning.pytorch import Callback, Trainer, seed_everything
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from transfer_lit import LRFinder, ProgressiveUnfreezing, TransferModule
 
@@ -34,7 +36,60 @@ class DataChecksum(Callback):
         self.total += float(batch[0].double().sum())
 
 
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+class UnionBatches(Sampler[list[int]]):
+    """One process's batches = the union of what each of ``world`` DDP ranks trains on at the same step.
+
+    Lightning gives every DDP training loader a ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``:
+    in epoch ``e`` rank ``r`` reads ``randperm(n, seed + e)[r::world]`` in batches of ``per_rank``. Each
+    iteration is the next epoch (Lightning calls ``set_epoch`` only on distributed samplers).
+    """
+
+    def __init__(self, n: int, world: int, per_rank: int, seed: int = 0) -> None:
+        self.n, self.world, self.per_rank, self.seed, self.epoch = n, world, per_rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        self.epoch += 1
+        shards = [order[r::self.world] for r in range(self.world)]
+        for k in range(0, len(shards[0]), self.per_rank):
+            yield [i for shard in shards for i in shard[k:k + self.per_rank]]
+
+    def __len__(self) -> int:
+        return -(-(self.n // self.world) // self.per_rank)
+
+
+def union_run(devices: int, epochs: int = 3) -> TransferModule:
+    """A progressive run of :class:`MLPBackbone` with SGD: on 2 DDP ranks (batches of 4 each), or in one process
+    on the union of the two ranks' batches (``devices=1``)."""
+    torch.set_num_threads(1)
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 12, generator=g), torch.randint(0, 3, (48,), generator=g))
+    model = TransferModule(MLPBackbone(), num_classes=3, mode="progressive", optimizer=_sgd, backbone_lr_mult=0.5)
+    trainer = Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        callbacks=[ProgressiveUnfreezing(schedule={1: "block2", 2: "block1"}, warmup_steps=2)],
+    )
+    loader = (DataLoader(data, batch_size=4, shuffle=True) if devices > 1
+              else DataLoader(data, batch_sampler=UnionBatches(len(data), world=2, per_rank=4)))
+    trainer.fit(model, loader)
+    return model
+
+
 def main(out: Path, strategy: str) -> None:
+    if strategy == "union":
+        model = union_run(devices=2)
+        final = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+        torch.save({"final": final, "frozen": sorted(model.frozen_blocks)}, out / f"rank{model.global_rank}.pt")
+        return
     torch.set_num_threads(1)
     seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -42,13 +97,10 @@ def main(out: Path, strategy: str) -> None:
     model = TransferModule(TinyBackbone(), num_classes=3, mode="progressive", lr=0.05, backbone_lr_mult=0.1)
     initial = {n: t.detach().clone() for n, t in model.state_dict().items()}
     checksum = DataChecksum()
-    callbacks: list[Callback] = [ProgressiveUnfreezing(schedule={1: "block2", 2: "block1"}, warmup_steps=2), checksum]
-    if strategy == "ddp":
-        callbacks.insert(0, LRFinder(num_steps=8, min_scale=0.1, max_scale=10))
-    # torch's FSDP refuses CPU: the fsdp mode is a one-GPU check of the gate-only freezing path.
-    gpu = strategy == "fsdp"
+    callbacks: list[Callback] = [LRFinder(num_steps=8, min_scale=0.1, max_scale=10),
+                                 ProgressiveUnfreezing(schedule={1: "block2", 2: "block1"}, warmup_steps=2), checksum]
     trainer = Trainer(
-        accelerator="gpu" if gpu else "cpu", devices=1 if gpu else 2, strategy=strategy, max_epochs=3, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=3, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True))

@@ -14,7 +14,14 @@ import torchvision
 from conftest import TinyBackbone
 from torch import nn
 
-from transfer_lit import Backbone, ModuleBackbone, Preprocessing, TorchvisionBackbone, WeightsNotAvailableError
+from transfer_lit import (
+    Backbone,
+    ModuleBackbone,
+    Preprocessing,
+    TorchvisionBackbone,
+    TransferModule,
+    WeightsNotAvailableError,
+)
 from transfer_lit.backbones import as_backbone, resolve_weights
 from transfer_lit.backbones.torchvision import verify_hash, weight_file
 from transfer_lit.preprocessing import preprocessing_from_torchvision
@@ -85,7 +92,7 @@ def test_forward_gives_pooled_features_of_declared_width(family: Built) -> None:
 
 def test_every_parameter_in_exactly_one_block(family: Built) -> None:
     backbone = family.backbone
-    blocks = backbone.blocks()
+    blocks = backbone.block_params()
     assert list(blocks) == backbone.block_names()
     assert len(blocks) >= 3, f"too coarse for layer-wise LRs / unfreezing: {list(blocks)}"
     ids = [id(p) for params in blocks.values() for _, p in params]
@@ -134,7 +141,7 @@ class UserNet(Backbone):
 def test_user_backbone_subclass_default_blocks() -> None:
     net = UserNet()
     assert as_backbone(net) is net
-    blocks = net.blocks()
+    blocks = net.block_params()
     # parameters registered on the backbone itself form a leading "stem"; "act" has none, so no block
     assert list(blocks) == ["stem", "conv", "body"]
     assert [n for n, _ in blocks["stem"]] == ["scale"]
@@ -143,7 +150,7 @@ def test_user_backbone_subclass_default_blocks() -> None:
 
 
 def test_tiny_user_backbone_blocks() -> None:
-    blocks = TinyBackbone().blocks()
+    blocks = TinyBackbone().block_params()
     assert list(blocks) == ["stem", "block1", "block2"]
     assert [n for n, _ in blocks["stem"]] == ["stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"]
 
@@ -155,7 +162,7 @@ def test_plain_module_with_num_features_is_wrapped() -> None:
     assert isinstance(backbone, ModuleBackbone)
     assert backbone.num_features == 7 and backbone.preprocessing is None
     assert backbone.block_names() == ["0", "2"]
-    assert {id(p) for _, ps in backbone.blocks().items() for _, p in ps} == {id(p) for p in plain.parameters()}
+    assert {id(p) for _, ps in backbone.block_params().items() for _, p in ps} == {id(p) for p in plain.parameters()}
     assert backbone(torch.randn(2, 3, 12, 12)).shape == (2, 7)
 
 
@@ -174,9 +181,9 @@ def test_blocks_reject_overlapping_and_orphan_parameters() -> None:
             return [("a", ("stem",)), ("b", ("block2",))]
 
     with pytest.raises(ValueError, match=r"block1\.0\.weight.*\['a', 'b'\]"):
-        Overlap().blocks()
+        Overlap().block_params()
     with pytest.raises(ValueError, match=r"no block.*block1\.0\.weight"):
-        Orphan().blocks()
+        Orphan().block_params()
 
 
 # ------------------------------------------------------------------ weights resolution
@@ -344,3 +351,29 @@ def test_preprocessing_of_enum_weights_follows_the_weights() -> None:
     v2 = preprocessing_from_torchvision(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
     assert (v1.resize_size, v2.resize_size) == (256, 232)
     assert isinstance(v1, Preprocessing)
+
+
+class _ViTLike(Backbone):
+    """timm's ViT names its transformer blocks ``blocks``: no Backbone method may shadow a child of that name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(12, 8)
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        self.norm = nn.LayerNorm(8)
+        self.num_features = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.patch_embed(x)))
+
+
+def test_a_child_module_named_blocks_is_a_block_like_any_other() -> None:
+    net = _ViTLike()
+    assert isinstance(net.blocks, nn.Sequential)
+    assert net.block_names() == ["patch_embed", "blocks", "norm"]
+    assert [n for n, _ in net.block_params()["blocks"]] == ["blocks.0.weight", "blocks.0.bias", "blocks.2.weight",
+                                                             "blocks.2.bias"]
+    model = TransferModule(net, num_classes=2, mode="progressive")
+    model.set_frozen_blocks(["patch_embed"])
+    assert not net.patch_embed.weight.requires_grad and net.blocks[0].weight.requires_grad
+    assert model(torch.randn(4, 12)).shape == (4, 2)

@@ -13,13 +13,13 @@ from conftest import COLORS, TinyBackbone, make_image_folder
 from lightning.pytorch import Trainer, seed_everything
 from PIL import Image
 
-from transfer_lit import BadImageError, ImageDataModule, Preprocessing, TransferModule
+from transfer_lit import BadImageError, ImageDataModule, ImagePreprocessing, TransferModule
 from transfer_lit.data import default_num_workers
-from transfer_lit.feature_cache import CachedFeatures
 from transfer_lit.preprocessing import normalize_images
+from transfer_lit.protocols import CachedFeatures
 
 CLASSES = sorted(COLORS)  # ['blue', 'green', 'red']
-SMALL = Preprocessing(28, 24, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+SMALL = ImagePreprocessing(28, 24, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def _files(dm: ImageDataModule, split: str) -> set[str]:
@@ -378,7 +378,7 @@ def test_normalize_follows_the_preprocessing_it_meets(image_folder: Path) -> Non
     dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
     images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert torch.allclose(dm.normalize(images), torch.full((1, 3, 2, 2), 2.0))  # (1 - 0.5) / 0.25
-    dm.preprocessing = Preprocessing(28, 24, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    dm.preprocessing = ImagePreprocessing(28, 24, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert torch.allclose(dm.normalize(images), torch.ones(1, 3, 2, 2))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_worker import union_run
 from lightning.pytorch.strategies import FSDPStrategy
 
 from transfer_lit import ImageDataModule, ProgressiveUnfreezing, TransferModule
@@ -23,15 +24,30 @@ TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "configs"
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
+def _run_worker(out: Path, mode: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(out), "ddp"], env=env, cwd=TESTS.parent,
+    done = subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(out), mode], env=env, cwd=TESTS.parent,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return _run_worker(tmp_path_factory.mktemp("ddp"), "ddp")
+
+
+def test_two_ranks_train_what_one_process_trains_on_the_union_of_their_batches(tmp_path: Path) -> None:
+    """The independent reference for the thawed-gradient sync: ranks agreeing with each other is not enough (a
+    sync that summed instead of averaged would keep them equal, and wrong)."""
+    ranks = _run_worker(tmp_path, "union")
+    reference = union_run(devices=1)  # step k: rank 0's batch k and rank 1's batch k together
+    assert ranks[0]["frozen"] == ["stem"] == sorted(reference.frozen_blocks)
+    expected = {n: t.detach() for n, t in reference.state_dict().items()}
+    for rank in ranks:
+        worst = max(float((rank["final"][n] - t).abs().max()) for n, t in expected.items())
+        assert worst < 1e-6, worst
 
 
 def test_ranks_saw_different_data(ranks: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Tests for transfer_lit.images, on files Pillow really encodes in tmp_path."""
+"""Tests for transfer_lit.data.decode, on files Pillow really encodes in tmp_path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from transfer_lit.images import (
+from transfer_lit.data.decode import (
     BAD_IMAGE_POLICIES,
     IMAGE_EXTENSIONS,
     BadImageError,

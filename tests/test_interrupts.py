@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import make_image_folder
 
-from transfer_lit.callbacks.fault_tolerance import capture_rng, find_last_checkpoint, restore_rng
-from transfer_lit.checkpoint_io import AtomicCheckpointIO, temp_path
+from transfer_lit.checkpoints import capture_rng, find_last_checkpoint, restore_rng
+from transfer_lit.checkpoints.io import AtomicCheckpointIO, temp_path
 from transfer_lit.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")

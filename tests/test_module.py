@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
-from transfer_lit import ImageDataModule, MLPHead, Preprocessing, TransferModule
+from transfer_lit import ImageDataModule, ImagePreprocessing, MLPHead, TransferModule
 
 
 def _trainer(epochs: int = 1, **kwargs) -> Trainer:
@@ -224,7 +224,7 @@ def test_checkpoint_restores_preprocessing_and_class_names_and_predict_uses_them
 ) -> None:
     data = _data(image_folder)
     model = _model(class_names=data.class_names, preprocessing={"crop_size": 28}, lr=1e-2)
-    expected = Preprocessing(36, 28, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    expected = ImagePreprocessing(36, 28, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert model.preprocessing == expected
     trainer = _trainer()
     trainer.fit(model, datamodule=data)

@@ -28,6 +28,6 @@ def test_quickstart_notebook_runs(tmp_path: Path) -> None:
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "resolved preprocessing: Preprocessing(resize_size=36, crop_size=32" in text
+    assert "resolved preprocessing: ImagePreprocessing(resize_size=36, crop_size=32" in text
     assert "confusion matrix" in text
     assert (tmp_path / "quickstart_runs" / "final.ckpt").is_file()

@@ -15,8 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_lit import ModuleBackbone, ProgressiveUnfreezing, TorchvisionBackbone, TransferModule
-from transfer_lit.cli import _keep_freed_memory
-from transfer_lit.module import _convolutional
+from transfer_lit.speed import is_convolutional, keep_freed_memory
 
 
 def _loader(n: int = 16) -> DataLoader:
@@ -31,18 +30,18 @@ def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
 
 
 def test_convolutional_backbones_are_recognised() -> None:
-    assert _convolutional(TinyBackbone())
-    assert _convolutional(TorchvisionBackbone("resnet18", weights=None))
-    assert _convolutional(TorchvisionBackbone("mobilenet_v3_small", weights=None))
-    assert not _convolutional(TorchvisionBackbone("vit_b_16", weights=None))  # only the patch embedding is a conv
+    assert is_convolutional(TinyBackbone())
+    assert is_convolutional(TorchvisionBackbone("resnet18", weights=None))
+    assert is_convolutional(TorchvisionBackbone("mobilenet_v3_small", weights=None))
+    assert not is_convolutional(TorchvisionBackbone("vit_b_16", weights=None))  # only the patch embedding is a conv
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8))
-    assert not _convolutional(ModuleBackbone(mlp, num_features=8))
+    assert not is_convolutional(ModuleBackbone(mlp, num_features=8))
 
 
 def test_channels_last_is_a_noop_on_cpu(tmp_path: Path) -> None:
     module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
     _trainer(tmp_path, max_epochs=1).fit(module, _loader())
-    assert not module.channels_last
+    assert not module.speed.channels_last
     conv = module.backbone.stem[0].weight
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
 
@@ -53,7 +52,7 @@ def test_channels_last_on_cuda(tmp_path: Path) -> None:
     module = TransferModule(TinyBackbone(), num_classes=3, mode="finetune")
     Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, default_root_dir=tmp_path).fit(module, _loader())
-    assert module.channels_last
+    assert module.speed.channels_last
     assert module.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -148,7 +147,7 @@ def test_compiled_blocks_train_across_a_thaw(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_keep_freed_memory_is_harmless() -> None:
-    _keep_freed_memory()  # the CLI calls it first thing; calling it again must be fine
+    keep_freed_memory()  # the CLI calls it first thing; calling it again must be fine
     x = torch.randn(64, 64, 64, 64)  # 64 MB: above glibc's mmap threshold
     del x
     assert torch.randn(64, 64, 64, 64).sum().isfinite()

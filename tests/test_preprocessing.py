@@ -12,7 +12,14 @@ from PIL import Image
 from torchvision import models
 from torchvision.transforms import v2
 
-from transfer_lit import Preprocessing, build_eval_transform, build_train_transform, load_image, resolve_preprocessing
+from transfer_lit import (
+    ImagePreprocessing,
+    Preprocessing,
+    build_eval_transform,
+    build_train_transform,
+    load_image,
+    resolve_preprocessing,
+)
 from transfer_lit.preprocessing import DEFAULT_PREPROCESSING, preprocessing_from_torchvision
 
 WEIGHTS = {
@@ -31,7 +38,7 @@ EXPECTED = {  # (resize, crop, interpolation) as torchvision documents them
     "swin_t_bicubic": (232, 224, "bicubic"),
     "efficientnet_v2_s_384": (384, 384, "bilinear"),
 }
-CKPT = Preprocessing(232, 224, "bicubic", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+CKPT = ImagePreprocessing(232, 224, "bicubic", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
 
 def _generated_image(width: int = 410, height: int = 300) -> Image.Image:
@@ -102,7 +109,7 @@ def _uniform(rgb: tuple[float, float, float], size: tuple[int, int] = (90, 70)) 
 
 @pytest.mark.parametrize("build", [build_eval_transform, build_train_transform], ids=["eval", "train"])
 def test_transforms_normalize_with_the_checkpoint_statistics(build) -> None:
-    p = Preprocessing(40, 32, "bilinear", (0.5, 0.4, 0.3), (0.2, 0.25, 0.1))
+    p = ImagePreprocessing(40, 32, "bilinear", (0.5, 0.4, 0.3), (0.2, 0.25, 0.1))
     transform = build(p)
     half_step = 0.5 / 255 / min(p.std)  # uint8 rounding of the uniform colour
     at_mean = transform(_uniform(tuple(255 * m for m in p.mean)))
@@ -114,7 +121,7 @@ def test_transforms_normalize_with_the_checkpoint_statistics(build) -> None:
 
 @pytest.mark.parametrize("augment", ["none", "trivialaugment", "randaugment"])
 def test_train_transform_random_crop_at_checkpoint_size(augment: str) -> None:
-    p = Preprocessing(260, 48, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    p = ImagePreprocessing(260, 48, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     transform = build_train_transform(p, augment)  # type: ignore[arg-type]
     crop = next(t for t in transform.transforms if isinstance(t, v2.RandomResizedCrop))
     assert crop.size == (48, 48) and crop.interpolation == v2.InterpolationMode.BICUBIC
@@ -135,19 +142,19 @@ def test_train_transform_unknown_augment_names_key_and_choices() -> None:
 
 
 def test_precedence_levels() -> None:
-    assert resolve_preprocessing() == DEFAULT_PREPROCESSING
-    assert resolve_preprocessing(None, CKPT) == CKPT
-    assert resolve_preprocessing({}, CKPT) == CKPT
-    explicit = Preprocessing(300, 256, "nearest", (0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
-    assert resolve_preprocessing(explicit, CKPT) == explicit
+    assert resolve_preprocessing(None, None, DEFAULT_PREPROCESSING) == DEFAULT_PREPROCESSING
+    assert resolve_preprocessing(None, CKPT, DEFAULT_PREPROCESSING) == CKPT
+    assert resolve_preprocessing({}, CKPT, DEFAULT_PREPROCESSING) == CKPT
+    explicit = ImagePreprocessing(300, 256, "nearest", (0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    assert resolve_preprocessing(explicit, CKPT, DEFAULT_PREPROCESSING) == explicit
 
 
 def test_partial_override_wins_field_by_field() -> None:
-    p = resolve_preprocessing({"crop_size": 160, "mean": [0.1, 0.2, 0.3], "std": None}, CKPT)
+    p = resolve_preprocessing({"crop_size": 160, "mean": [0.1, 0.2, 0.3], "std": None}, CKPT, DEFAULT_PREPROCESSING)
     assert p.crop_size == 160 and p.mean == (0.1, 0.2, 0.3)
     assert (p.resize_size, p.interpolation, p.std) == (CKPT.resize_size, CKPT.interpolation, CKPT.std)
-    q = resolve_preprocessing({"interpolation": "bicubic"}, None)
-    assert q == Preprocessing(256, 224, "bicubic", DEFAULT_PREPROCESSING.mean, DEFAULT_PREPROCESSING.std)
+    q = resolve_preprocessing({"interpolation": "bicubic"}, None, DEFAULT_PREPROCESSING)
+    assert q == ImagePreprocessing(256, 224, "bicubic", DEFAULT_PREPROCESSING.mean, DEFAULT_PREPROCESSING.std)
 
 
 @pytest.mark.parametrize(
@@ -168,14 +175,18 @@ def test_partial_override_wins_field_by_field() -> None:
 )
 def test_invalid_override_names_key_and_value(override: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
-        resolve_preprocessing(override, CKPT)
+        resolve_preprocessing(override, CKPT, DEFAULT_PREPROCESSING)
 
 
 def test_to_dict_from_dict_round_trip() -> None:
     d = CKPT.to_dict()
-    assert d == {"resize_size": 232, "crop_size": 224, "interpolation": "bicubic",
+    assert d == {"modality": "image", "resize_size": 232, "crop_size": 224, "interpolation": "bicubic",
                  "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
     assert Preprocessing.from_dict(d) == CKPT
     through_json = json.loads(json.dumps(d))  # lists, as YAML / JSON hand them back
     assert Preprocessing.from_dict(through_json) == CKPT
     assert Preprocessing.from_dict(through_json).mean == (0.5, 0.4, 0.3)
+    legacy = {k: v for k, v in d.items() if k != "modality"}  # checkpoints written before modalities existed
+    assert Preprocessing.from_dict(legacy) == ImagePreprocessing.from_dict(legacy) == CKPT
+    with pytest.raises(ValueError, match=r"preprocessing\.modality='audio' is unknown; valid: \[.*'image'"):
+        Preprocessing.from_dict({**d, "modality": "audio"})

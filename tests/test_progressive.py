@@ -51,7 +51,7 @@ class EpochRecorder(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.frozen.append(set(pl_module.frozen_blocks))
-        blocks = pl_module.backbone.blocks()
+        blocks = pl_module.backbone.block_params()
         self.trainable.append({b for b, params in blocks.items() if all(p.requires_grad for _, p in params)})
 
 
@@ -183,7 +183,7 @@ def test_frozen_blocks_have_no_gradient_and_no_optimizer_state() -> None:
     fit = trainer(2, [ProgressiveUnfreezing(schedule={1: "block2"})])
     fit.fit(model, loader())
     state = fit.optimizers[0].state
-    blocks = model.backbone.blocks()
+    blocks = model.backbone.block_params()
     for block in ("stem", "block1"):
         for name, p in blocks[block]:
             assert not p.requires_grad and p.grad is None, name

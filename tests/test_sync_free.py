@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_lit import FaultTolerance, ImageDataModule, NonFiniteLossError, TransferModule
-from transfer_lit.feature_cache import FeatureDataset
+from transfer_lit.data.feature_cache import FeatureDataset
 from transfer_lit.finite_check import LossWatch, NonFiniteLoss
 from transfer_lit.metrics import MulticlassRates, build_metrics, build_train_metrics
 

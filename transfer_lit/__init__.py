@@ -2,28 +2,36 @@
 
 from transfer_lit.backbones import Backbone, ModuleBackbone, TorchvisionBackbone, WeightsNotAvailableError
 from transfer_lit.callbacks import CSVPredictionWriter, FaultTolerance, ProgressiveUnfreezing
-from transfer_lit.checkpoint_io import AtomicCheckpointIO
-from transfer_lit.data import ImageDataModule
+from transfer_lit.checkpoints import AtomicCheckpointIO
+from transfer_lit.data import BadImageError, ImageDataModule, load_image
 from transfer_lit.finite_check import NonFiniteLossError
+from transfer_lit.freezing import DDPFreezing, DeepSpeedFreezing, FreezingStrategy, GateOnlyFreezing
 from transfer_lit.heads import LinearHead, MLPHead
-from transfer_lit.images import BadImageError, load_image
 from transfer_lit.lr_finder import LRFinder
 from transfer_lit.module import TransferModule
 from transfer_lit.preprocessing import (
+    ImagePreprocessing,
     Preprocessing,
     build_eval_transform,
     build_train_transform,
     normalize_images,
     resolve_preprocessing,
 )
+from transfer_lit.protocols import CachedFeatures
 
 __all__ = [
     "AtomicCheckpointIO",
     "Backbone",
     "BadImageError",
     "CSVPredictionWriter",
+    "CachedFeatures",
+    "DDPFreezing",
+    "DeepSpeedFreezing",
     "FaultTolerance",
+    "FreezingStrategy",
+    "GateOnlyFreezing",
     "ImageDataModule",
+    "ImagePreprocessing",
     "LRFinder",
     "LinearHead",
     "MLPHead",

@@ -1,97 +1,34 @@
-"""The ``transfer-lit`` command: LightningCLI with argument links and defaults only."""
+"""The ``transfer-lit`` command: LightningCLI with argument links and defaults only.
+
+What the defaults do lives elsewhere: checkpoints (:mod:`transfer_lit.checkpoints`), performance
+(:mod:`transfer_lit.speed`), what counts as a user error (:mod:`transfer_lit.errors`), stopping on a
+signal (:class:`~transfer_lit.FaultTolerance`). Nothing in the package imports this module.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import json
-import re
-import shlex
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from transfer_lit.callbacks import CSVPredictionWriter, FaultTolerance
-from transfer_lit.callbacks.fault_tolerance import EXIT_CODES, find_last_checkpoint
-from transfer_lit.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
-from transfer_lit.data import ImageDataModule
-from transfer_lit.module import TransferModule
-
-#: Errors caused by the user's input: the CLI prints the message (no traceback) and exits with 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, KeyError, FileNotFoundError, TypeError, FloatingPointError, MisconfigurationException
+from transfer_lit.callbacks.fault_tolerance import EXIT_CODES
+from transfer_lit.checkpoints import (
+    AtomicCheckpointIO,
+    find_last_checkpoint,
+    remove_stale_temps,
+    resume_command,
+    with_checkpoint_model,
 )
-#: A DataLoader worker's exception reaches the main process as "Caught <Name> in DataLoader worker process <i>.
-#: Original Traceback ...", re-raised as <Name>(that text) or, when <Name> needs other arguments, RuntimeError.
-_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
-_WORKER_USER_ERRORS = {"BadImageError"} | {e.__name__ for e in USER_ERRORS}
-
-
-def user_error_message(error: BaseException) -> str | None:
-    """The one-line message to show for a user error (also one raised in a DataLoader worker), else ``None``."""
-    worker = _WORKER_ERROR.match(str(error))
-    if worker is not None:
-        name = worker.group(1)
-        original = re.search(rf"\n(?:[\w.]+\.)?{name}: (.*?)\s*\Z", str(error), re.DOTALL)
-        return original.group(1) if name in _WORKER_USER_ERRORS and original else None
-    if isinstance(error, USER_ERRORS):
-        return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    return None
-
-
-def native_bf16() -> bool:
-    """Whether the GPU computes in bf16 itself (Ampere and later), not through emulation (T4, V100: slow)."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # an older torch without the including_emulation argument
-        return torch.cuda.is_bf16_supported()
-
-
-def apply_gpu_defaults(trainer: dict[str, Any], cuda: bool, bf16: bool) -> None:
-    """Fill in the ``trainer`` settings a GPU run wants and the user left unset (nothing without CUDA).
-
-    bf16 autocast (free accuracy-wise for fine-tuning, ~2x faster where the GPU has it); cuDNN benchmark mode
-    (every batch has the checkpoint's crop size, so cuDNN times its kernels once and keeps the fastest);
-    TF32 for what is left in float32 (a ``32-true`` run, the loss), as Lightning advises.
-    """
-    if not cuda:
-        return
-    if trainer.get("precision") is None and bf16:
-        trainer["precision"] = "bf16-mixed"
-    if trainer.get("benchmark") is None and not trainer.get("deterministic"):
-        trainer["benchmark"] = True
-    if torch.get_float32_matmul_precision() == "highest":
-        torch.set_float32_matmul_precision("high")
-
-
-def with_checkpoint_model(argv: list[str]) -> list[str]:
-    """``argv`` with ``--model <the checkpoint's model hyperparameters>`` right after the subcommand, when
-    ``--ckpt_path`` names a checkpoint file, so that whatever the command line sets comes after (and wins)."""
-    commands = [i for i, arg in enumerate(argv) if arg in ("fit", "validate", "test", "predict")]
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
-    if path is None and "--ckpt_path" in argv[:-1]:
-        path = argv[argv.index("--ckpt_path") + 1]
-    if not commands or path is None or not Path(path).is_file():
-        return argv
-    try:  # mmap: only the hyperparameters are read, not gigabytes of weights
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    except Exception:  # not a checkpoint: Lightning reports it with its own message later
-        return argv
-    model = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if not model or "_class_path" in hparams:  # saved outside this CLI's model class
-        return argv
-    try:
-        encoded = json.dumps(model)
-    except (TypeError, ValueError):  # an object jsonargparse could not read back either
-        return argv
-    at = commands[0] + 1
-    return [*argv[:at], "--model", encoded, *argv[at:]]
+from transfer_lit.data import ImageDataModule
+from transfer_lit.errors import user_error_message
+from transfer_lit.module import TransferModule
+from transfer_lit.speed import apply_gpu_defaults, keep_freed_memory, native_bf16, prefer_tf32
 
 
 class TransferCLI(LightningCLI):
@@ -132,6 +69,7 @@ class TransferCLI(LightningCLI):
         trainer = config["trainer"]
         cuda = torch.cuda.is_available()
         apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
+        prefer_tf32(cuda)  # main() restores the process-wide setting when the command is done
         # Default callbacks are always appended; drop those Lightning refuses when the user switched off what they need.
         unwanted: list[type] = [LearningRateMonitor] if trainer.get("logger") is False else []
         unwanted += [ModelCheckpoint] if trainer.get("enable_checkpointing") is False else []
@@ -172,50 +110,18 @@ class TransferCLI(LightningCLI):
         self._resolve_last_checkpoint()
 
 
-def _resume_command(argv: list[str], checkpoint: str) -> str:
-    """``argv`` as a ``transfer-lit`` command line with ``--ckpt_path`` set to ``checkpoint``."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith("--ckpt_path="):
-            skip = False
-            continue
-        if arg == "--ckpt_path":
-            skip = True
-            continue
-        kept.append(arg)
-    return shlex.join(["transfer-lit", *kept, "--ckpt_path", checkpoint])
-
-
-def _keep_freed_memory() -> None:
-    """Stop glibc from handing large freed blocks back to the OS (this process only; the CLI owns it).
-
-    glibc serves every allocation over 32 MB with a fresh ``mmap`` and unmaps it on free, so on CPU each
-    batch page-faults its activations in again: a MobileNetV2 forward pass at batch 50 took 0.9M page
-    faults and 3.5 s of system time (next to 3.8 s of compute) on a 2-core box; kept in the heap, freed
-    memory is reused (0.4M faults, 1.2 s), like a GPU caching allocator reuses its blocks. The price is a
-    higher peak RSS (1.4 -> 1.9 GB there), as the heap fragments. A no-op outside glibc.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap-served blocks
-        libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap top
-    except (OSError, AttributeError):  # musl or another libc: leave it alone
-        pass
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``transfer-lit`` and ``python -m transfer_lit``.
 
     Args:
         args: command-line arguments (default ``sys.argv[1:]``). ``--debug`` shows full tracebacks.
     """
-    _keep_freed_memory()
+    keep_freed_memory()
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     fault_tolerance = FaultTolerance()
+    restore_tf32 = prefer_tf32(False)  # the CLI may switch TF32 on for CUDA: put the process setting back after
     try:
         TransferCLI(
             TransferModule,
@@ -245,7 +151,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         signal_name = signal_name or "SIGINT"
         if fault_tolerance.checkpoint_path is not None:
-            resume = _resume_command(argv, str(fault_tolerance.checkpoint_path))
+            resume = resume_command(argv, str(fault_tolerance.checkpoint_path))
             print(f"transfer-lit: {signal_name}: training stopped and saved; resume with:\n  {resume}", file=sys.stderr)
         else:
             print(f"transfer-lit: {signal_name}: stopped without saving a new checkpoint (to resume a fit from the "
@@ -257,3 +163,5 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"transfer-lit: error: {message}\n(run with --debug for the full traceback)", file=sys.stderr)
         sys.exit(2)
+    finally:
+        restore_tf32()

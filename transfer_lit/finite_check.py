@@ -13,9 +13,13 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,3 +153,58 @@ def diagnose(
     largest = float(p.detach().abs().max())
     return (f"{where}: inputs and weights are finite but the forward pass overflowed; the largest weights, "
             f"|w| = {largest:.3g}, are in parameter {name} of group {group!r} (lr {lr}); {fix}")
+
+
+class FiniteCheck(Callback):
+    """Stops a fit at the first non-finite training loss, with a diagnosis (attached by ``TransferModule`` when
+    ``model.check_finite``): immediate where a read is free (CPU), two steps late when the step is sync-free.
+
+    Every pending loss is read before a validation, at an epoch's end and before a checkpoint is written, so
+    none of them goes ahead with weights a NaN step broke.
+
+    Args:
+        deferred: called at the start of each fit: whether to defer (the module's sync-free setting).
+    """
+
+    def __init__(self, deferred: Callable[[], bool] = lambda: False) -> None:
+        self.deferred = deferred
+        self.watch = LossWatch(deferred=False)
+        self._inputs: object = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.watch = LossWatch(deferred=self.deferred())  # before the sanity check; nothing left from a last fit
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._inputs = batch[0] if isinstance(batch, list | tuple) and batch else None
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        found = self.watch.watch(loss, self._inputs, trainer.global_step, trainer.current_epoch)
+        self._raise(found, trainer, pl_module, self._inputs)
+
+    def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read every pending loss (fits only)."""
+        if trainer.state.fn == "fit":
+            self._raise(self.watch.flush(trainer.global_step), trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush(trainer, pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self.flush(trainer, pl_module)
+
+    @staticmethod
+    def _raise(found: NonFiniteLoss | None, trainer: pl.Trainer, model: nn.Module, inputs: object = None) -> None:
+        if found is not None:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            raise NonFiniteLossError(diagnose(found, model.named_parameters(), optimizer, inputs))

@@ -19,11 +19,10 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from transfer_lit.feature_cache import CachedFeatures
+from transfer_lit.protocols import LRScalable
 
 Suggestion = Literal["steepest", "min_loss"]
 
@@ -107,16 +106,15 @@ class LRFinder(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module: Any = pl_module  # a TransferModule: lr_scale, loss(), head
+        if not isinstance(pl_module, LRScalable):
+            raise TypeError(f"LRFinder needs a transfer_lit.TransferModule (the LRScalable protocol: lr_scale, "
+                            f"freezing, batch_logits, loss), got {type(pl_module).__name__}")
+        module: Any = pl_module
         if self.suggestion is not None or trainer.global_step > 0:
             if self.suggestion is None:
-                rank_zero_warn("LRFinder: resuming a run that did not use it; keeping lr_scale="
-                               f"{getattr(module, 'lr_scale', None)}")
+                rank_zero_warn(f"LRFinder: resuming a run that did not use it; keeping lr_scale={module.lr_scale}")
             return
-        if not hasattr(module, "lr_scale") or not hasattr(module, "loss"):
-            raise TypeError(f"LRFinder needs a transfer_lit.TransferModule (lr_scale, loss), got "
-                            f"{type(module).__name__}")
-        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy):
+        if module.freezing.shards_parameters:
             strategy = type(trainer.strategy).__name__
             raise ValueError(f"LRFinder does not support {strategy} (sharded weights cannot be snapshotted here); "
                              "run it on one device or with strategy ddp, then multiply model.lr by its suggestion")
@@ -178,12 +176,10 @@ class LRFinder(Callback):
                 continue
             batch = trainer.precision_plugin.convert_input(batch)  # as Lightning's loops do, before the transfer
             batch = trainer.strategy.batch_to_device(batch)
-            x, y = batch
             pl_module.lr_scale = self.scale_at(step)
             optimizer.zero_grad(set_to_none=True)
             with trainer.precision_plugin.train_step_context():
-                logits = pl_module.head(x) if isinstance(batch, CachedFeatures) else pl_module(x)
-                loss = pl_module.loss(logits, y)
+                loss = pl_module.loss(pl_module.batch_logits(batch), batch[1])
             if not torch.isfinite(loss):
                 break
             if scaler is not None:

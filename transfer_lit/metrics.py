@@ -7,12 +7,30 @@ prediction of the epoch on the device), and multiclass rates from :class:`Multic
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
+from torch import nn
 from torchmetrics import AUROC, Accuracy, ConfusionMatrix, F1Score, Metric, MetricCollection, Precision, Recall
 
 Task = Literal["multiclass", "binary", "multilabel"]
+
+
+def check_task(task: Task, num_classes: int, class_names: list[str] | None, class_weights: list[float] | None,
+               label_smoothing: float) -> None:
+    """Raise ``ValueError`` naming the ``model.*`` key when the task's arguments do not fit together."""
+    if task not in get_args(Task):
+        raise ValueError(f"model.task must be one of {list(get_args(Task))}, got {task!r}")
+    if task == "binary" and num_classes != 2:
+        raise ValueError(f"model.num_classes must be 2 for task 'binary', got {num_classes}")
+    if num_classes < 2 and task == "multiclass":
+        raise ValueError(f"model.num_classes must be >= 2 for task 'multiclass', got {num_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes={num_classes}")
+    if class_weights is not None and len(class_weights) != num_classes:
+        raise ValueError(f"model.class_weights has {len(class_weights)} values, expected num_classes={num_classes}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
 def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection:
@@ -135,3 +153,45 @@ def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
     for i, name in enumerate(class_names):
         lines.append(f"{name:<{width}}" + "".join(f"{int(v):>{cell}}" for v in confusion[i].tolist()))
     return "\n".join(lines)
+
+
+class StageMetrics(nn.Module):
+    """Every stage's metrics for one task: sync-free training rates, validation and test collections (with
+    AUROC) and the test confusion matrix behind the per-class report.
+
+    Args:
+        task: ``multiclass``, ``binary`` or ``multilabel``.
+        num_classes: classes (multiclass, binary: 2) or labels (multilabel).
+    """
+
+    def __init__(self, task: Task, num_classes: int) -> None:
+        super().__init__()
+        self.task = task
+        self.train_metrics = build_train_metrics(task, num_classes)
+        self.val_metrics = build_metrics(task, num_classes, "val")
+        self.test_metrics = build_metrics(task, num_classes, "test")
+        self.test_confusion = build_confusion_matrix(task, num_classes)
+
+    def update(self, stage: str, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch's probabilities and targets to ``stage``'s metrics."""
+        getattr(self, f"{stage}_metrics").update(probs, target)
+        if stage == "test":
+            self.test_confusion.update(probs if self.task != "binary" else (probs > 0.5).long(), target)
+
+    def epoch_values(self, stage: str) -> Any:
+        """What to log at the end of ``stage``'s epoch: the collection itself (Lightning computes, syncs and resets
+        it), except for training, whose rates are computed here and reset (they compute four values at once)."""
+        if stage != "train":
+            return getattr(self, f"{stage}_metrics")
+        values = self.train_metrics.compute()
+        self.train_metrics.reset()
+        return values
+
+    def test_report(self, class_names: list[str]) -> str:
+        """The per-class table and confusion matrix of the test epoch (empty for multilabel); resets the matrix."""
+        if self.task == "multilabel":
+            return ""
+        names = class_names if self.task == "multiclass" else class_names[:2]
+        report = format_report(self.test_confusion.compute().cpu(), names)
+        self.test_confusion.reset()
+        return report

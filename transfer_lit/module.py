@@ -1,55 +1,45 @@
 """TransferModule: a pretrained backbone plus a new head, trained as a linear probe, fine-tuned, or
-progressively unfrozen, with named parameter groups and checkpoint-matched preprocessing."""
+progressively unfrozen, with named parameter groups and checkpoint-matched preprocessing.
+
+The module owns the model, the shared step, the metrics and the parameter groups. What freezing means
+under each strategy is a :class:`~transfer_lit.freezing.FreezingStrategy` chosen once in ``setup``;
+performance defaults live in :mod:`transfer_lit.speed`; the checkpoint check in :mod:`transfer_lit.checkpoints`.
+Inputs may be of any modality: a batch is ``(inputs, target)``, ``inputs`` a tensor or a mapping of tensors.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from transfer_lit.backbones.base import as_backbone
-from transfer_lit.checkpoint_check import check_checkpoint_fits
-from transfer_lit.feature_cache import CachedFeatures
-from transfer_lit.finite_check import LossWatch, NonFiniteLoss, NonFiniteLossError, diagnose
+from transfer_lit.checkpoints.hparams import given_hparams
+from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
+from transfer_lit.finite_check import FiniteCheck
 from transfer_lit.freezing import (
     BNPolicy,
-    ThawedGradientSync,
-    hold_gradients,
-    reset_optimizer_state,
-    set_batchnorm_modes,
-    set_requires_grad,
+    FreezingHooks,
+    FreezingStrategy,
+    FrozenBlocks,
+    build_freezing,
+    install_lr_gate,
 )
 from transfer_lit.heads import HeadFactory, LinearHead
-from transfer_lit.metrics import Task, build_confusion_matrix, build_metrics, build_train_metrics, format_report
-from transfer_lit.param_groups import LearningRatePolicy, build_param_groups, install_lr_gate, prefer_fused, set_gate
+from transfer_lit.losses import class_probabilities, classification_loss
+from transfer_lit.metrics import StageMetrics, Task, check_task
+from transfer_lit.param_groups import LearningRatePolicy, build_param_groups
 from transfer_lit.preprocessing import Preprocessing, resolve_preprocessing
+from transfer_lit.protocols import CachedFeatures
+from transfer_lit.speed import BackboneSpeed, build_optimizer
 
 Mode = Literal["linear_probe", "finetune", "progressive"]
-_MODES = ("linear_probe", "finetune", "progressive")
-_BN_POLICIES = ("train", "eval", "frozen")
-
-
-def _given_hparams() -> bool:
-    """True when LightningCLI passes the parsed config as hyperparameters (objects then need no ignoring)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older/newer Lightning
-        return False
-    return _given_hyperparameters.get() is not None
-
-
-def _convolutional(backbone: nn.Module) -> bool:
-    """True when most of the backbone's parameters are in 2-D convolutions (ResNet, MobileNet; not ViT)."""
-    conv = sum(p.numel() for m in backbone.modules() if isinstance(m, nn.Conv2d) for p in m.parameters(False))
-    return conv * 2 > sum(p.numel() for p in backbone.parameters())
 
 
 class TransferModule(LightningModule):
@@ -57,7 +47,8 @@ class TransferModule(LightningModule):
 
     Args:
         backbone: a :class:`~transfer_lit.Backbone` (e.g. ``TorchvisionBackbone``) or any ``nn.Module``
-            with a ``num_features`` attribute that returns ``(batch, num_features)``.
+            with a ``num_features`` attribute that returns ``(batch, num_features)`` for a batch's inputs
+            (a tensor or a mapping of tensors).
         num_classes: classes (``multiclass``; ``binary`` needs 2) or labels (``multilabel``).
             The CLI fills it in from the data.
         task: ``multiclass``, ``binary`` or ``multilabel``.
@@ -79,25 +70,27 @@ class TransferModule(LightningModule):
             ``eval`` (pretrained statistics, kept in eval mode; default) or ``frozen`` (every backbone
             BatchNorm in eval mode with its affine parameters never trained, even once thawed).
         preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
-            what the backbone's weights declare, which wins over the defaults.
+            what the backbone's weights declare (after a reload: what the checkpoint was trained with), which
+            wins over the backbone's defaults.
         check_finite: stop with a clear error when the training loss is NaN or infinite (on CUDA two steps
             later, see ``sync_free``).
-        compile: ``torch.compile`` the backbone in place (opt-in; checkpoint keys are unchanged). The first
-            steps are slow while it compiles, and so are the first steps after each thaw: a thaw changes
-            ``requires_grad``, which recompiles the backbone once for the new phase (the recompile limit is
-            raised to leave room for one graph per phase). Measured on one H100 (bf16, batch 256): ResNet-50
-            5,591 images/s compiled vs 3,964 eager, ViT-B/16 3,093 vs 2,089 (``benchmarks/RESULTS.md``).
+        compile: ``torch.compile`` the backbone in place (opt-in; slow first steps, one recompile per thaw; see
+            :class:`~transfer_lit.speed.BackboneSpeed`). On one H100 (bf16, batch 256): ResNet-50 5,591
+            images/s compiled vs 3,964 eager, ViT-B/16 3,093 vs 2,089 (``benchmarks/RESULTS.md``).
 
     On CUDA, convolutional backbones (most parameters in ``Conv2d``) run in ``channels_last`` memory
     format, which is what cuDNN's fastest kernels want, the default AdamW is the fused one, and the training
-    step is free of host syncs (``sync_free``); on CPU nothing changes.
+    step is free of host syncs (``sync_free``); on CPU nothing changes (:mod:`transfer_lit.speed`).
+
+    Research code overrides these hooks (each calls ``super()`` where it extends rather than replaces):
+    ``batch_logits`` (a batch to logits; owns the cached-features path), ``forward`` / ``features``,
+    ``loss``, ``probabilities``, ``shared_step``, ``configure_optimizers``, ``set_frozen_blocks`` and
+    ``configure_freezing`` (the strategy-specific freezing object).
     """
 
-    #: Keep the training step free of device-to-host reads, each of which makes the CPU wait for the GPU
-    #: (it cannot queue the next step meanwhile): the per-step loss goes to the logger (every
-    #: ``log_every_n_steps``) but not to the progress bar, and ``check_finite`` reads the loss asynchronously
-    #: (two steps late). ``None``: on CUDA only. (Training metrics never read the device: accuracy and macro
-    #: precision / recall / F1 without argument checks; AUROC is computed for validation and test only.)
+    #: Keep the training step free of device-to-host reads (each makes the CPU wait for the GPU): the step loss
+    #: goes to the logger but not to the progress bar, and ``check_finite`` reads the loss two steps late.
+    #: ``None``: on CUDA only. (Training metrics never read the device; AUROC is for validation and test.)
     sync_free: bool | None = None
 
     def __init__(
@@ -124,22 +117,11 @@ class TransferModule(LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        objects = ["backbone", "head", "optimizer", "lr_scheduler"]
-        self.save_hyperparameters(ignore=[] if _given_hparams() else objects)
-        if mode not in _MODES:
-            raise ValueError(f"model.mode must be one of {list(_MODES)}, got {mode!r}")
-        if bn_policy not in _BN_POLICIES:
-            raise ValueError(f"model.bn_policy must be one of {list(_BN_POLICIES)}, got {bn_policy!r}")
-        if task == "binary" and num_classes != 2:
-            raise ValueError(f"model.num_classes must be 2 for task 'binary', got {num_classes}")
-        if num_classes < 2 and task == "multiclass":
-            raise ValueError(f"model.num_classes must be >= 2 for task 'multiclass', got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes={num_classes}")
-        if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(f"model.class_weights has {len(class_weights)} values, expected num_classes={num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(ignore=[] if given_hparams() else ["backbone", "head", "optimizer", "lr_scheduler"])
+        for key, value, valid in (("mode", mode, get_args(Mode)), ("bn_policy", bn_policy, get_args(BNPolicy))):
+            if value not in valid:
+                raise ValueError(f"model.{key} must be one of {list(valid)}, got {value!r}")
+        check_task(task, num_classes, class_names, class_weights, label_smoothing)
         self.backbone = as_backbone(backbone)
         self.head = head(self.backbone.num_features, 1 if task == "binary" else num_classes)
         self.task, self.mode, self.num_classes, self.bn_policy = task, mode, num_classes, bn_policy
@@ -148,29 +130,32 @@ class TransferModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
         self.label_smoothing, self.check_finite = label_smoothing, check_finite
-        self.compile_blocks, self.channels_last = compile, False
         self.class_weights: torch.Tensor | None
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
-        self.preprocessing: Preprocessing = resolve_preprocessing(preprocessing, self.backbone.preprocessing)
+        self._preprocessing_override = preprocessing
+        self.preprocessing: Preprocessing = self.resolve_preprocessing()
+        self.speed = BackboneSpeed(compile)
+        self.frozen = FrozenBlocks(self.backbone, bn_policy)
         self.lr_scale = 1.0
-        self.frozen_blocks: set[str] = set()
-        self.thawed_sync = ThawedGradientSync()
-        self.loss_watch = LossWatch(deferred=False)
-        self.train_metrics = build_train_metrics(task, num_classes)
-        self.val_metrics = build_metrics(task, num_classes, "val")
-        self.test_metrics = build_metrics(task, num_classes, "test")
-        self.test_confusion = build_confusion_matrix(task, num_classes)
-        self.last_test_report = ""
+        self.metrics = StageMetrics(task, num_classes)
+        self.last_test_report, self._preprocessing_logged = "", False
         self.set_frozen_blocks(self.backbone.block_names() if mode != "finetune" else [])
 
-    # ----------------------------------------------------------------- freezing
+    def resolve_preprocessing(self, trained_with: Preprocessing | None = None) -> Preprocessing:
+        """The one precedence rule: ``model.preprocessing`` > what the checkpoint was trained with (``trained_with``)
+        or else what the backbone's weights declare > the backbone's default."""
+        declared = trained_with if trained_with is not None else self.backbone.preprocessing
+        return resolve_preprocessing(self._preprocessing_override, declared, self.backbone.default_preprocessing())
 
     @property
-    def gate_only(self) -> bool:
-        """Sharded strategies (FSDP, DeepSpeed) cannot change ``requires_grad`` after wrapping:
-        there, frozen blocks keep their gradients and are held still by a zero LR gate instead."""
-        trainer = self._trainer
-        return trainer is not None and isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
+    def frozen_blocks(self) -> set[str]:
+        """Names of the backbone blocks frozen now."""
+        return self.frozen.blocks
+
+    @property
+    def freezing(self) -> FreezingStrategy:
+        """What freezing means under this run's strategy (chosen in ``setup`` by :meth:`configure_freezing`)."""
+        return self.frozen.strategy
 
     def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
         """Freeze exactly ``blocks`` (thaw every other backbone block): ``requires_grad``, BN mode, LR gate.
@@ -178,21 +163,19 @@ class TransferModule(LightningModule):
         Args:
             blocks: backbone block names, see ``self.backbone.block_names()``.
         """
-        blocks = set(blocks)
-        names = self.backbone.block_names()
-        unknown = blocks - set(names)
-        if unknown:
-            raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {names}")
-        thawed_now = self.frozen_blocks - blocks
-        self.frozen_blocks = blocks
-        set_requires_grad(self.backbone, blocks, self.gate_only, self.bn_policy)
-        if self._trainer is not None and self.trainer.optimizers:
-            optimizer = self.trainer.optimizers[0]
-            for block in names:
-                set_gate(optimizer, f"backbone.{block}", 0.0 if block in blocks else 1.0)
-            if self.gate_only:  # frozen, they took zero-gradient steps (see hold_gradients): start afresh
-                reset_optimizer_state(optimizer, [p for b in thawed_now for _, p in self.backbone.blocks()[b]])
+        self.frozen.freeze_exactly(blocks, self._optimizer())
         self.train(self.training)
+
+    def set_block_gates(self, gates: Mapping[str, float]) -> None:
+        """Learning-rate gates in ``[0, 1]`` of thawed blocks (a warm-up after a thaw); frozen blocks stay at 0."""
+        self.frozen.set_gates(gates, self._optimizer())
+
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        return self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+
+    def configure_freezing(self) -> FreezingStrategy:
+        """The freezing strategy for this run's trainer (called once in ``setup``; override to choose one)."""
+        return build_freezing(self.trainer.strategy, self.trainer.world_size)
 
     @override
     def train(self, mode: bool = True) -> TransferModule:
@@ -203,98 +186,84 @@ class TransferModule(LightningModule):
         if self.mode == "linear_probe":
             self.backbone.eval()
         else:
-            set_batchnorm_modes(self.backbone, self.frozen_blocks, self.bn_policy)
+            self.frozen.set_batchnorm_modes()
         return self
 
-    # ----------------------------------------------------------------- forward and steps
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, inputs: Any) -> torch.Tensor:
         """Pooled backbone features ``(batch, num_features)``; no graph is built in linear-probe mode."""
-        if x.dtype == torch.uint8:
-            raise TypeError("TransferModule got uint8 images: ImageDataModule(normalize_on_device=True) normalizes "
-                            "them in its transfer_batch_to_device hook, which Lightning calls only when the data "
-                            "module is passed as `datamodule=`; pass it that way, call `datamodule.normalize(images)`, "
-                            "or set data.normalize_on_device=false")
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        self.preprocessing.check_inputs(inputs)
+        inputs = self.speed.prepare_inputs(inputs)
         if self.mode == "linear_probe":
             with torch.no_grad():
-                return self.backbone(x)
-        return self.backbone(x)
+                return self.backbone(inputs)
+        return self.backbone(inputs)
 
     @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.head(self.features(inputs))
+
+    def batch_logits(self, batch: Any) -> torch.Tensor:
+        """Logits of a batch ``(inputs, target-or-paths)``: the one place a batch becomes logits.
+
+        A :class:`~transfer_lit.protocols.CachedFeatures` batch (``data.cache_features``) already holds this
+        frozen backbone's features: only the head runs. Every other batch goes through ``forward``.
+        """
+        if isinstance(batch, CachedFeatures):
+            return self.head(batch.features)
+        return self(batch[0])
+
+    def feature_cache_refusal(self) -> str | None:
+        """``None`` when batches may be served from cached backbone features, else why not."""
+        if self.mode != "linear_probe":
+            return f"model.mode={self.mode!r} trains the backbone (only 'linear_probe' keeps it frozen)"
+        if self.freezing.shards_parameters:
+            return "the strategy shards the backbone (FSDP / DeepSpeed), so it cannot run outside the wrapped model"
+        bypassed = [name for name in ("forward", "batch_logits")
+                    if getattr(type(self), name) is not getattr(TransferModule, name)]
+        if bypassed:
+            return f"{type(self).__name__} overrides {' and '.join(bypassed)}, which cached features would bypass"
+        return None
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (multiclass) or binary cross-entropy with logits, with smoothing and class weights."""
-        if self.task == "multiclass":
-            return F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=self.label_smoothing)
-        target_f = target.float().view_as(logits)
-        smoothed = target_f * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-        losses = F.binary_cross_entropy_with_logits(logits.float(), smoothed, reduction="none")
-        if self.class_weights is not None:
-            weights = self.class_weights[target.long()].view_as(logits) if self.task == "binary" else self.class_weights
-            losses = losses * weights
-        return losses.mean()
+        return classification_loss(self.task, logits, target, self.class_weights, self.label_smoothing)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax for multiclass, sigmoid otherwise (binary: probability of class 1, shape ``(batch,)``)."""
-        if self.task == "multiclass":
-            return logits.float().softmax(-1)
-        probs = logits.float().sigmoid()
-        return probs.squeeze(-1) if self.task == "binary" else probs
+        return class_probabilities(self.task, logits)
 
     def shared_step(self, batch: Any, stage: str) -> torch.Tensor | None:
         """Forward, loss and metric update for the ``train`` / ``val`` / ``test`` stages."""
-        if batch is None:  # every image of the batch was unreadable and data.bad_images='skip' left it out
+        if batch is None:  # every sample of the batch was unreadable and data.bad_images='skip' left it out
             return None
-        x, y = batch
-        # Cached features (data.cache_features) come from this frozen backbone already: only the head runs.
-        logits = self.head(x) if isinstance(batch, CachedFeatures) else self(x)
-        loss = self.loss(logits, y)
-        if stage == "train" and self.check_finite:
-            self._raise_if_non_finite(self.loss_watch.watch(loss, x, self.global_step, self.current_epoch), x)
-        probs = self.probabilities(logits.detach())
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(probs, y)
-        if stage == "test":
-            self.test_confusion.update(probs if self.task != "binary" else (probs > 0.5).long(), y)
+        logits = self.batch_logits(batch)
+        loss = self.loss(logits, batch[1])
+        self.metrics.update(stage, self.probabilities(logits.detach()), batch[1])
         # Lightning reads every progress-bar value on the host after each step: not the step loss when sync-free.
         prog_bar = stage != "train" or not self._sync_free()
-        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=prog_bar, batch_size=len(y))
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=prog_bar,
+                 batch_size=len(batch[1]))
         return loss
 
     def _sync_free(self) -> bool:
         return self.device.type == "cuda" if self.sync_free is None else self.sync_free
 
-    def _raise_if_non_finite(self, found: NonFiniteLoss | None, x: object = None) -> None:
-        if found is not None:
-            optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
-            raise NonFiniteLossError(diagnose(found, self.named_parameters(), optimizer, x))
-
-    def _check_deferred_losses(self) -> None:
-        """Read every loss the deferred check still holds: no validation, epoch end or checkpoint of a fit goes
-        ahead with weights a NaN step broke."""
-        if self.check_finite and self._trainer is not None and self.trainer.state.fn == "fit":
-            self._raise_if_non_finite(self.loss_watch.flush(self.global_step))
-
     def _log_epoch_metrics(self, stage: str) -> None:
         # Logged once per epoch, not per step: each self.log of a Metric object walks Lightning's whole result
         # collection, which cost ~80 ms per step on CPU (5 metrics) and more than the step of a small model.
-        if stage == "train":  # MulticlassRates computes four values at once: log them, then reset by hand
-            self.log_dict(self.train_metrics.compute())
-            self.train_metrics.reset()
-        else:
-            self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
+        self.log_dict(self.metrics.epoch_values(stage), prog_bar=stage == "val")
 
     @override
-    def on_validation_start(self) -> None:
-        self._check_deferred_losses()
+    def on_train_start(self) -> None:
+        """Logs the preprocessing once per run, after any checkpoint was restored (so it is the one in use)."""
+        if not self._preprocessing_logged:
+            self._preprocessing_logged = True
+            rank_zero_info(f"transfer_lit preprocessing: {self.preprocessing.to_dict()}")
+
+    on_validation_start = on_test_start = on_predict_start = on_train_start
 
     @override
     def on_train_epoch_end(self) -> None:
-        self._check_deferred_losses()
         self._log_epoch_metrics("train")
 
     @override
@@ -315,98 +284,50 @@ class TransferModule(LightningModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        if batch is None:  # every image of the batch was skipped (data.bad_images='skip')
+        if batch is None:  # every sample of the batch was skipped (data.bad_images='skip')
             return {"paths": [], "probs": torch.empty(0, self.num_classes)}
-        x, paths = batch
-        return {"paths": list(paths), "probs": self.probabilities(self(x))}
+        return {"paths": list(batch[1]), "probs": self.probabilities(self.batch_logits(batch))}
 
     @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
-        if self.task == "multilabel":
-            return
-        names = self.class_names if self.task == "multiclass" else self.class_names[:2]
-        self.last_test_report = format_report(self.test_confusion.compute().cpu(), names)
-        self.test_confusion.reset()
-        if self.trainer.is_global_zero:
+        self.last_test_report = self.metrics.test_report(self.class_names)
+        if self.last_test_report and self.trainer.is_global_zero:
             print(self.last_test_report)
 
-    # ----------------------------------------------------------------- optimisation
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        """The freezing strategy's steps (:class:`~transfer_lit.freezing.FreezingHooks`) and the NaN check
+        (:class:`~transfer_lit.finite_check.FiniteCheck`), which no override of a hook can skip; extend with
+        ``super()``."""
+        return [FreezingHooks()] + ([FiniteCheck(self._sync_free)] if self.check_finite else [])
 
     @override
     def setup(self, stage: str) -> None:
-        rank_zero_info(f"transfer_lit preprocessing: {self.preprocessing.to_dict()}")
-        if self.mode == "progressive" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            raise ValueError("model.mode='progressive' is not supported with DeepSpeed; use strategy ddp or fsdp")
-        self.set_frozen_blocks(self.frozen_blocks)
-        strategy = self.trainer.strategy
-        if strategy.root_device.type == "cuda" and not self.channels_last and _convolutional(self.backbone):
-            self.backbone.to(memory_format=torch.channels_last)
-            self.channels_last = True
-        if self.compile_blocks and not getattr(self, "_compiled", False):
-            # One graph per (frozen blocks, train/eval) combination: room for a recompile at every thaw.
-            limit = 2 * len(self.backbone.block_names()) + 8
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-            self.backbone.compile(dynamic=False)
-            self._compiled = True
-        # isinstance: ddp_spawn and user subclasses are DDP too; DeepSpeedStrategy subclasses DDPStrategy but is not.
-        ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-        if ddp and self.trainer.world_size > 1:  # blocks frozen now and thawed later: synced by us, not DDP
-            self._ddp_params_and_buffers_to_ignore = self.thawed_sync.take_frozen(self)
+        self._preprocessing_logged = False
+        self.speed.apply(self.backbone, self.trainer.strategy.root_device, len(self.backbone.block_names()))
 
     @override
-    def on_fit_start(self) -> None:
-        self.loss_watch = LossWatch(deferred=self._sync_free())  # before the sanity check; nothing left from a last fit
-        self.thawed_sync.broadcast()
-
-    @override
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        hold_gradients(optimizer, self.backbone, self.gate_only, self.bn_policy)
-
-    @override
-    def on_after_backward(self) -> None:
-        """Averages the gradients of blocks thawed after DDP wrapped the model: call ``super()`` when overriding."""
-        # Here, right after backward, rather than before the optimizer step: under fp16 the grad scaler checks
-        # the gradients for inf before that, and every rank must see the same (averaged) gradients then.
-        # Under accumulation each micro-batch's reduce is exact: what earlier ones added is the same on every rank.
-        self.thawed_sync.all_reduce()
+    def teardown(self, stage: str) -> None:
+        self.speed.restore()
 
     @override
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(build_param_groups(self.backbone, self.head, self.policy))
-        if self.device.type == "cuda" and not self.gate_only:
-            optimizer = prefer_fused(optimizer)
-        install_lr_gate(optimizer, lambda: self.lr_scale, drop_frozen_grads=not self.gate_only)
-        for block in self.frozen_blocks:
-            set_gate(optimizer, f"backbone.{block}", 0.0)
+        groups = build_param_groups(self.backbone, self.head, self.policy)
+        optimizer = build_optimizer(self.optimizer_factory, groups, self.device,
+                                    allow_fused=not self.freezing.shards_parameters)
+        install_lr_gate(optimizer, lambda: self.lr_scale)
+        self.frozen.write_gates(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         config = {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.scheduler_monitor}
         return {"optimizer": optimizer, "lr_scheduler": config}
 
-    # ----------------------------------------------------------------- checkpoint
-
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_deferred_losses()
-        checkpoint["transfer_lit"] = {
-            "preprocessing": self.preprocessing.to_dict(),
-            "class_names": list(self.class_names),
-            "frozen_blocks": sorted(self.frozen_blocks),
-            "lr_scale": self.lr_scale,
-        }
+        save_transfer_state(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.gate_only:  # sharded strategies hold flattened shards: shapes cannot be compared
-            check_checkpoint_fits(checkpoint, self)
-        state = checkpoint.get("transfer_lit")
-        if state is None:
-            return
-        # The checkpoint's preprocessing is what the weights were trained with; an explicit override still wins.
-        saved = Preprocessing.from_dict(state["preprocessing"])
-        self.preprocessing = resolve_preprocessing(self.hparams.get("preprocessing"), saved)
-        self.class_names = list(state["class_names"])
-        self.lr_scale = float(state["lr_scale"])
-        self.set_frozen_blocks(state["frozen_blocks"])
+        restore_transfer_state(self, checkpoint)

@@ -1,23 +1,16 @@
-"""Named optimizer parameter groups and the learning-rate gate.
+"""Named optimizer parameter groups: ``head``, ``backbone.<block>`` and their ``.no_decay`` twins.
 
-Every group exists from step 0 and never changes, so any torch scheduler composes with
-progressive unfreezing and optimizer / scheduler state resumes cleanly. A group is switched
-on and off by a *gate* in ``[0, 1]`` stored in the group itself (``group["gate"]``, so it is
-saved with the optimizer state). The gate and a global ``lr_scale`` are applied around each
-``optimizer.step()`` only, leaving ``group["lr"]`` to the scheduler::
-
-    effective lr = group["lr"] (base lr x schedule) x gate x lr_scale
+Every group exists from step 0 with a ``block`` key and a ``gate`` (:mod:`transfer_lit.freezing.gates`),
+so freezing a block never adds or removes a group and any scheduler composes with unfreezing.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.optim import Adam, AdamW, Optimizer
 
 from transfer_lit.backbones.base import Backbone
 
@@ -76,10 +69,10 @@ def _split(prefix: str, named: Iterable[tuple[str, nn.Parameter]], lr: float, wd
 def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRatePolicy) -> list[dict[str, Any]]:
     """One decay and one no-decay group per backbone block (``backbone.<block>``) and for the head.
 
-    Membership is by parameter identity (``Backbone.blocks`` walks ``named_parameters``), never by value.
+    Membership is by parameter identity (``Backbone.block_params`` walks ``named_parameters``), never by value.
     Groups carry ``name`` (for LearningRateMonitor), ``block`` and ``gate`` keys.
     """
-    blocks = backbone.blocks()
+    blocks = backbone.block_params()
     lrs = policy.block_lrs(list(blocks))
     groups: list[dict[str, Any]] = []
     for block, named in blocks.items():
@@ -92,85 +85,3 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
                 raise ValueError("a parameter is shared between the backbone and the head; this is not supported")
             seen.add(id(p))
     return groups
-
-
-def prefer_fused(optimizer: Optimizer, devices: tuple[str, ...] = ("cuda",)) -> Optimizer:
-    """The same Adam / AdamW, same groups, with ``fused=True`` when the user chose no implementation and every
-    parameter is a float on one of ``devices``: one kernel per group and step instead of a dozen, with the step
-    counters on the device (``foreach`` keeps them on the host). Anything else is returned as it is.
-
-    The fused optimizer takes part in mixed precision like any other: gradients are unscaled (fp16) before
-    hooks and clipping see them, which Lightning requires to clip (it refuses optimizers that unscale
-    internally). Loading a state dict saved without ``fused`` keeps it fused.
-
-    Args:
-        optimizer: the optimizer built by the user's factory, with the groups it made.
-        devices: device types where the fused implementation is preferred.
-    """
-    defaults = optimizer.defaults
-    chosen = defaults.get("fused") is not None or defaults.get("foreach") is not None
-    chosen = chosen or bool(defaults.get("capturable")) or bool(defaults.get("differentiable"))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    on_devices = all(p.device.type in devices and p.is_floating_point() for p in params)
-    if type(optimizer) not in (AdamW, Adam) or chosen or not on_devices:
-        return optimizer
-    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold Adam's decoupled_weight_decay
-    kwargs = {k: v for k, v in defaults.items() if k in accepted}
-    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
-    fused = type(optimizer)(groups, **{**kwargs, "fused": True, "foreach": None})
-    fused._step_supports_amp_scaling = False  # type: ignore[attr-defined]  # GradScaler unscales first, as usual
-
-    def keep_fused(opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        # load_state_dict replaces the groups, flags included: a checkpoint of a foreach run would undo fused.
-        state_dict["param_groups"] = [{**g, "fused": True, "foreach": None} for g in state_dict["param_groups"]]
-        return state_dict
-
-    fused.register_load_state_dict_pre_hook(keep_fused)
-    return fused
-
-
-def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float], drop_frozen_grads: bool = True) -> None:
-    """Apply ``gate x lr_scale()`` to each group's LR for the duration of ``optimizer.step()`` only.
-
-    With ``drop_frozen_grads``, groups whose gate is 0 also have their gradients dropped first, so the
-    optimizer keeps no state for them. FSDP needs them kept (its optimizer state dict wants state for
-    every parameter of a sharded unit): there the module zeroes those gradients instead.
-    """
-    saved: list[float] = []
-
-    def pre_hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
-        saved.clear()
-        scale = lr_scale()
-        for group in opt.param_groups:
-            saved.append(group["lr"])
-            gate = group.get("gate", 1.0)
-            if gate == 0.0 and drop_frozen_grads:
-                for p in group["params"]:
-                    p.grad = None
-            group["lr"] = group["lr"] * gate * scale
-
-    def post_hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
-        for group, lr in zip(opt.param_groups, saved, strict=True):
-            group["lr"] = lr
-
-    optimizer.register_step_pre_hook(pre_hook)
-    optimizer.register_step_post_hook(post_hook)
-
-
-def group_by_name(optimizer: Optimizer) -> dict[str, dict[str, Any]]:
-    """The optimizer's groups keyed by their ``name``."""
-    return {g["name"]: g for g in optimizer.param_groups if "name" in g}
-
-
-def set_gate(optimizer: Optimizer, block: str, value: float) -> None:
-    """Set the gate of every group of ``block`` (``head`` or ``backbone.<name>``)."""
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"gate must be in [0, 1], got {value}")
-    found = False
-    for group in optimizer.param_groups:
-        if group.get("block") == block:
-            group["gate"] = float(value)
-            found = True
-    if not found:
-        valid = sorted({g["block"] for g in optimizer.param_groups if "block" in g})
-        raise KeyError(f"no parameter group for block {block!r}; valid: {valid}")

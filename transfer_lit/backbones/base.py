@@ -1,9 +1,11 @@
 """The backbone protocol: a headless network that carries its own metadata.
 
-A backbone maps images ``(B, 3, H, W)`` to pooled features ``(B, num_features)`` and describes
-itself with an ordered list of named blocks (input -> output) and, when its weights declare it,
-the preprocessing those weights expect. Everything else in transfer_lit (head width, parameter
-groups, layer-wise learning rates, progressive unfreezing, BatchNorm policy) reads only this.
+A backbone maps a batch's inputs (a tensor, e.g. images ``(B, 3, H, W)``, or a mapping of tensors,
+e.g. a tokenizer's ``input_ids`` and ``attention_mask``) to pooled features ``(B, num_features)`` and
+describes itself with an ordered list of named blocks (input -> output) and, when its weights declare
+it, the preprocessing those weights expect (any modality's
+:class:`~transfer_lit.preprocessing.Preprocessing`). Everything else in transfer_lit (head width,
+parameter groups, layer-wise learning rates, progressive unfreezing, BatchNorm policy) reads only this.
 
 To plug in your own network, subclass :class:`Backbone`::
 
@@ -19,17 +21,20 @@ To plug in your own network, subclass :class:`Backbone`::
 
 and select it in YAML with ``class_path: my_package.MyNet``. Blocks default to the top-level
 children that hold parameters (here ``stem`` then ``body``); override :meth:`block_specs` for
-finer control.
+finer control. The method names (``block_specs``, ``block_params``, ``block_names``,
+``block_modules``, ``default_preprocessing``) leave every ordinary child name free (timm's ViT has a
+child called ``blocks``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
 
-from transfer_lit.preprocessing import Preprocessing
+from transfer_lit.preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 
 BlockSpec = tuple[str, tuple[str, ...]]
 """A block's name and the qualified-name prefixes (relative to the backbone) of what it holds."""
@@ -44,7 +49,7 @@ class Backbone(nn.Module):
 
     Subclasses set ``num_features`` in ``__init__`` and implement ``forward`` returning
     ``(batch, num_features)``. They may set ``preprocessing`` (what their weights expect) and
-    override :meth:`block_specs`.
+    override :meth:`block_specs` and :meth:`default_preprocessing`.
     """
 
     num_features: int
@@ -62,7 +67,11 @@ class Backbone(nn.Module):
                 specs.append((name, (name,)))
         return specs
 
-    def blocks(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
+    def default_preprocessing(self) -> Preprocessing:
+        """What inputs get when neither the weights nor the user say (default: ImageNet image statistics)."""
+        return DEFAULT_PREPROCESSING
+
+    def block_params(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters of each block, input side first; every parameter is in exactly one block.
 
         Raises:
@@ -101,7 +110,7 @@ class Backbone(nn.Module):
             raise KeyError(f"unknown block {block!r}; valid blocks are {list(specs)}")
         return [m for name, m in self.named_modules() if name and any(_matches(name, p) for p in specs[block])]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, x: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -126,7 +135,7 @@ class ModuleBackbone(Backbone):
         specs += [(n, (f"module.{n}",)) for n, c in self.module.named_children() if any(True for _ in c.parameters())]
         return specs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Any) -> torch.Tensor:
         return self.module(x)
 
 

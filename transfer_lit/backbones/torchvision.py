@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from transfer_lit.backbones.base import Backbone, BlockSpec
-from transfer_lit.preprocessing import Preprocessing, preprocessing_from_torchvision
+from transfer_lit.preprocessing import ImagePreprocessing, preprocessing_from_torchvision
 
 _HASH_IN_FILENAME = re.compile(r"-([a-f0-9]+)\.")
 _OFFLINE_ENV = ("TRANSFER_LIT_OFFLINE", "HF_HUB_OFFLINE")
@@ -206,7 +206,7 @@ class TorchvisionBackbone(Backbone):
         if isinstance(resolved, WeightsEnum):
             ensure_weight_file(resolved)
             self.model = torchvision.models.get_model(name, weights=resolved, **kwargs)
-            self.preprocessing: Preprocessing | None = preprocessing_from_torchvision(resolved)
+            self.preprocessing: ImagePreprocessing | None = preprocessing_from_torchvision(resolved)
         else:
             self.model = torchvision.models.get_model(name, weights=None, **kwargs)
             # No checkpoint metadata: the architecture's reference weights tell its native input size.

@@ -11,91 +11,36 @@ writes a checkpoint, and Lightning does not save RNG states. :class:`FaultTolera
   stopped half-way when it resumes, so that epoch's validation metrics would be lost (a second signal
   stops sooner);
 * on that stop writes ``interrupted.ckpt`` next to ``ModelCheckpoint``'s files (atomically, with
-  :class:`~transfer_lit.checkpoint_io.AtomicCheckpointIO`) and sets the exit code to 128 + signal number
+  :class:`~transfer_lit.checkpoints.AtomicCheckpointIO`) and sets the exit code to 128 + signal number
   (130 for SIGINT, 143 for SIGTERM), as shells report a process killed by that signal;
 * saves the torch (CPU and CUDA), numpy and Python RNG states in every checkpoint and restores them when
   training resumes: resuming from an end-of-epoch checkpoint (``last.ckpt``) gives the same weights, bit
   for bit, as the uninterrupted run. From a mid-epoch interrupt checkpoint, Lightning finishes the epoch
   with the remaining number of batches drawn from a new shuffle (the image loader is not resumable).
 
-:func:`find_last_checkpoint` resolves ``ckpt_path="last"`` across logger versions (Lightning only looks in
-the new run's own, still empty, version folder).
+:func:`~transfer_lit.checkpoints.find_last_checkpoint` resolves ``ckpt_path="last"`` across logger versions
+(Lightning only looks in the new run's own, still empty, version folder).
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import signal
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from transfer_lit.checkpoints.locate import checkpoint_dir
+from transfer_lit.checkpoints.rng import capture_rng, restore_rng
+
 #: Exit codes a shell gives a process killed by the signal.
 EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
-
-
-def capture_rng() -> dict[str, Any]:
-    """The torch (CPU, every CUDA device), numpy and Python RNG states, as plain types and tensors."""
-    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *(v for v in np_state[2:])),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`; CUDA states are restored when this process has the same devices."""
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def checkpoint_dir(trainer: Trainer) -> Path:
-    """The folder of this run's ``ModelCheckpoint`` (set in its ``setup``), else ``<default_root_dir>/checkpoints``."""
-    callback = trainer.checkpoint_callback
-    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-        return Path(callback.dirpath)
-    return Path(trainer.default_root_dir) / "checkpoints"
-
-
-def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ckpt") -> Path | None:
-    """The newest ``last*.ckpt`` or interrupt checkpoint of any earlier run of this configuration.
-
-    Looks where ``ModelCheckpoint`` would write: its ``dirpath`` if set, else every version folder of
-    the first logger (``<save_dir>/<name>/*/checkpoints``), else ``<default_root_dir>/checkpoints``.
-    Temporary files of an interrupted write are never candidates.
-    """
-    folders: list[Path] = []
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            folders.append(Path(callback.dirpath))
-    if not folders and trainer.loggers:
-        logger = trainer.loggers[0]
-        save_dir = Path(logger.save_dir or trainer.default_root_dir)
-        folders += sorted(save_dir.joinpath(str(logger.name)).glob("*/checkpoints"))
-    if not folders:
-        folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    candidates = [p for folder in folders for p in (*folder.glob("last*.ckpt"), folder / interrupt_name) if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
 class FaultTolerance(Callback):

@@ -11,6 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from transfer_lit.protocols import Classifier
+
 
 class CSVPredictionWriter(BasePredictionWriter):
     """Append one row per image to ``output`` (``output.rank<N>.csv`` on ranks other than 0).
@@ -39,7 +41,7 @@ class CSVPredictionWriter(BasePredictionWriter):
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         assert self._path is not None
         probs: torch.Tensor = prediction["probs"]
-        names = list(getattr(pl_module, "class_names", []))
+        names = list(pl_module.class_names) if isinstance(pl_module, Classifier) else []
         if probs.ndim == 1:  # binary: probability of class 1
             probs = torch.stack([1 - probs, probs], dim=1)
         confidence, index = probs.max(dim=1)

@@ -6,39 +6,26 @@ Thawing is ``TransferModule.set_frozen_blocks`` (``requires_grad``, BatchNorm mo
 and the warm-up only moves the gate. So any LR scheduler composes with the schedule, and the
 phase is a pure function of ``(schedule, epoch, global step)``: a resumed run replays it exactly.
 
-It relies on the module protocol :class:`Unfreezable` (``TransferModule`` follows it) and on the
-optimizer groups' ``block`` key (:func:`~transfer_lit.param_groups.set_gate`).
+It relies only on the module protocol :class:`~transfer_lit.protocols.Unfreezable` (``TransferModule``
+follows it): ``set_frozen_blocks`` to thaw, ``set_block_gates`` for the warm-up.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
-from transfer_lit.backbones.base import Backbone
-from transfer_lit.param_groups import set_gate
+from transfer_lit.freezing.blocks import batchnorms
+from transfer_lit.protocols import Unfreezable
 from transfer_lit.schedulers import LinearWarmup
 
 Schedule = dict[int, list[str] | str]
 Phase = tuple[int, list[str]]
-
-
-class Unfreezable(Protocol):
-    """What ProgressiveUnfreezing needs of the LightningModule (``TransferModule`` has it)."""
-
-    mode: str
-    bn_policy: str
-    backbone: Backbone
-    frozen_blocks: set[str]
-
-    def set_frozen_blocks(self, blocks: Iterable[str]) -> None: ...
 
 
 class ProgressiveUnfreezing(Callback):
@@ -166,16 +153,16 @@ class ProgressiveUnfreezing(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        mode = getattr(pl_module, "mode", None)
-        if not hasattr(pl_module, "set_frozen_blocks") or not hasattr(pl_module, "backbone"):
-            raise TypeError(f"ProgressiveUnfreezing needs a transfer_lit.TransferModule, "
+        if not isinstance(pl_module, Unfreezable):
+            raise TypeError(f"ProgressiveUnfreezing needs a transfer_lit.TransferModule (the Unfreezable protocol), "
                             f"got {type(pl_module).__name__}")
+        mode = pl_module.mode
         if mode != "progressive":
             raise ValueError(
                 f"ProgressiveUnfreezing needs model.mode='progressive', got model.mode={mode!r} ('finetune' trains "
                 "every block from the start; 'linear_probe' runs the backbone without gradients)"
             )
-        backbone = cast(Unfreezable, pl_module).backbone
+        backbone = pl_module.backbone
         # A new run (a reused callback too) starts at phase 0; a resumed one then loads its state over this.
         self.thaw_steps, self.phase, self._announced = {}, 0, None
         self._blocks = backbone.block_names()
@@ -186,9 +173,8 @@ class ProgressiveUnfreezing(Callback):
             rank_zero_warn(f"ProgressiveUnfreezing: phase(s) at epoch(s) {late} never start with "
                            f"trainer.max_epochs={max_epochs}")
         # Counted before the strategy wraps (and maybe shards) the parameters.
-        for block, params in backbone.blocks().items():
-            bn = sum(p.numel() for m in backbone.block_modules(block) if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                     for p in m.parameters(recurse=False))
+        for block, params in backbone.block_params().items():
+            bn = sum(p.numel() for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False))
             self._sizes[block] = (sum(p.numel() for _, p in params), bn)
         self._total = sum(p.numel() for p in pl_module.parameters())
 
@@ -221,12 +207,11 @@ class ProgressiveUnfreezing(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.warmup_steps == 0 or not trainer.optimizers:
+        if self.warmup_steps == 0:
             return
-        optimizer, frozen = trainer.optimizers[0], cast(Unfreezable, pl_module).frozen_blocks
-        for block, step in self.thaw_steps.items():
-            if block not in frozen:
-                set_gate(optimizer, f"backbone.{block}", self.warmup_gate(trainer.global_step - step))
+        module = cast(Unfreezable, pl_module)
+        module.set_block_gates({block: self.warmup_gate(trainer.global_step - step)
+                                for block, step in self.thaw_steps.items() if block not in module.frozen_blocks})
 
     def trainable_params(self, frozen: set[str], bn_policy: str) -> int:
         """Parameters the optimizer updates when ``frozen`` blocks are frozen (BatchNorm ones stay

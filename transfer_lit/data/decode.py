@@ -184,7 +184,7 @@ Sample = tuple[str, int]
 
 
 class ImageDataset(Dataset):
-    """``(path, label)`` samples decoded with :func:`~transfer_lit.images.load_image`.
+    """``(path, label)`` samples decoded with :func:`~transfer_lit.data.decode.load_image`.
 
     Args:
         samples: file paths and integer labels (label -1 for unlabelled prediction inputs).

@@ -23,14 +23,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_lit.feature_cache import (
-    CacheFeatures,
-    FeatureCache,
-    FeatureDataset,
-    frozen_backbone,
-    resolve_cache_features,
-)
-from transfer_lit.images import (
+from transfer_lit.data.decode import (
     IMAGE_EXTENSIONS,
     BadImageError,
     BadImagePolicy,
@@ -39,14 +32,16 @@ from transfer_lit.images import (
     collate_skipping_bad,
     scan_images,
 )
+from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
+from transfer_lit.data.splits import index_splits, list_images
 from transfer_lit.preprocessing import (
     Augment,
-    Preprocessing,
+    ImagePreprocessing,
     build_eval_transform,
     build_train_transform,
     normalize_images,
 )
-from transfer_lit.splits import index_splits, list_images
+from transfer_lit.protocols import FeatureCacheable, HasPreprocessing
 
 
 def default_num_workers(devices: int = 1, cuda: bool | None = None) -> int:
@@ -114,7 +109,7 @@ class ImageDataModule(LightningDataModule):
         augment: Augment = "none",
         bad_images: BadImagePolicy = "error",
         scan: bool = False,
-        preprocessing: Preprocessing | None = None,
+        preprocessing: ImagePreprocessing | None = None,
         cache_features: CacheFeatures = "auto",
         feature_cache_dir: str | None = None,
         normalize_on_device: bool = True,
@@ -150,15 +145,17 @@ class ImageDataModule(LightningDataModule):
         """Number of classes found in the training data (linked to ``model.num_classes`` by the CLI)."""
         return len(self.class_names)
 
-    def resolved_preprocessing(self) -> Preprocessing:
+    def resolved_preprocessing(self) -> ImagePreprocessing:
         """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's)."""
         if self.preprocessing is not None:
             return self.preprocessing
         module = self.trainer.lightning_module if self.trainer is not None else None
-        preprocessing = getattr(module, "preprocessing", None)
-        if not isinstance(preprocessing, Preprocessing):
+        if not isinstance(module, HasPreprocessing):
             raise RuntimeError("ImageDataModule needs `preprocessing` when it is not used with a TransferModule")
-        return preprocessing
+        if not isinstance(module.preprocessing, ImagePreprocessing):
+            raise ValueError(f"ImageDataModule reads images, but the model's backbone takes "
+                             f"{module.preprocessing.modality!r} inputs; use the data module of that modality")
+        return module.preprocessing
 
     def setup(self, stage: str) -> None:
         self._read = []
@@ -209,11 +206,10 @@ class ImageDataModule(LightningDataModule):
                      else build_eval_transform(p, normalize))
         images = ImageDataset(self.splits[split], transform, self.bad_images)
         self._read.append((split, images))
-        backbone = frozen_backbone(module) if cached else None
-        if backbone is not None:
+        if cached and isinstance(module, FeatureCacheable):
             loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.loader_workers(),
                              "collate_fn": collate_skipping_bad, "pin_memory": torch.cuda.is_available()}
-            entry = self.feature_cache.features(self.trainer, backbone, images, self.splits[split], p, loader_kwargs,
+            entry = self.feature_cache.features(self.trainer, module, images, self.splits[split], p, loader_kwargs,
                                                 split)
             features = FeatureDataset(entry, self.splits[split])
             # Features are in memory already: worker processes would only add start-up and IPC cost.

@@ -1,21 +1,23 @@
-"""The preprocessing a checkpoint expects, resolved once by one precedence rule.
+"""Image preprocessing: what a vision checkpoint expects (resize, crop, interpolation, mean, std).
 
-Explicit override > the checkpoint's own metadata > defaults. The result is a plain frozen
-dataclass that is logged, saved in the LightningModule checkpoint and turned into torchvision
-transforms by :func:`build_eval_transform` / :func:`build_train_transform`.
+:class:`ImagePreprocessing` is read from the weights' own metadata (torchvision's weight enums here,
+timm's ``pretrained_cfg`` elsewhere), resolved by :func:`~transfer_lit.preprocessing.resolve_preprocessing`
+and turned into torchvision transforms by :func:`build_eval_transform` / :func:`build_train_transform`;
+:func:`normalize_images` finishes uint8 batches on the training device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.functional import InterpolationMode
+
+from transfer_lit.preprocessing.base import Preprocessing, register_preprocessing
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 Augment = Literal["none", "trivialaugment", "randaugment"]
@@ -26,8 +28,9 @@ _INTERPOLATIONS: dict[Interpolation, InterpolationMode] = {
 }
 
 
+@register_preprocessing
 @dataclass(frozen=True)
-class Preprocessing:
+class ImagePreprocessing(Preprocessing):
     """What a checkpoint expects of its input images.
 
     Args:
@@ -37,6 +40,8 @@ class Preprocessing:
         mean: per-channel mean subtracted after scaling pixels to [0, 1].
         std: per-channel standard deviation divided by after subtracting ``mean``.
     """
+
+    modality: ClassVar[str] = "image"
 
     resize_size: int
     crop_size: int
@@ -65,24 +70,19 @@ class Preprocessing:
         if any(s <= 0 for s in self.std):
             raise ValueError(f"preprocessing.std must be positive, got {self.std!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-friendly form (what is stored in checkpoints)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - valid
-        if unknown:
-            raise ValueError(f"unknown preprocessing key(s) {sorted(unknown)}; valid keys are {sorted(valid)}")
-        return cls(**values)
+    def check_inputs(self, inputs: Any) -> None:
+        """uint8 images reach the model only when the data module's normalizing hook was bypassed."""
+        if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.uint8:
+            raise TypeError("TransferModule got uint8 images: ImageDataModule(normalize_on_device=True) normalizes "
+                            "them in its transfer_batch_to_device hook, which Lightning calls only when the data "
+                            "module is passed as `datamodule=`; pass it that way, call `datamodule.normalize(images)`, "
+                            "or set data.normalize_on_device=false")
 
 
 #: The last level of the precedence rule, for backbones whose weights carry no metadata
 #: (a user's own module, random init of an architecture torchvision has no weights for).
 #: These are the ImageNet statistics most torchvision and timm checkpoints were trained with.
-DEFAULT_PREPROCESSING = Preprocessing(
+DEFAULT_PREPROCESSING = ImagePreprocessing(
     resize_size=256,
     crop_size=224,
     interpolation="bilinear",
@@ -91,7 +91,7 @@ DEFAULT_PREPROCESSING = Preprocessing(
 )
 
 
-def preprocessing_from_torchvision(weights: Any) -> Preprocessing:
+def preprocessing_from_torchvision(weights: Any) -> ImagePreprocessing:
     """Read the preprocessing a torchvision ``WeightsEnum`` member declares.
 
     The metadata lives in torchvision's code (``weights.transforms`` is a partial of
@@ -104,7 +104,7 @@ def preprocessing_from_torchvision(weights: Any) -> Preprocessing:
     interpolation = {mode: name for name, mode in _INTERPOLATIONS.items()}.get(transform.interpolation)
     if interpolation is None:
         raise ValueError(f"weights {weights} use unsupported interpolation {transform.interpolation}")
-    return Preprocessing(
+    return ImagePreprocessing(
         resize_size=int(transform.resize_size[0]),
         crop_size=int(transform.crop_size[0]),
         interpolation=interpolation,
@@ -113,26 +113,7 @@ def preprocessing_from_torchvision(weights: Any) -> Preprocessing:
     )
 
 
-def resolve_preprocessing(
-    override: Mapping[str, Any] | Preprocessing | None = None,
-    checkpoint: Preprocessing | None = None,
-    default: Preprocessing = DEFAULT_PREPROCESSING,
-) -> Preprocessing:
-    """Apply the precedence rule: explicit override > checkpoint > default, field by field.
-
-    Args:
-        override: fields the user set explicitly (a partial dict is fine, e.g. ``{"crop_size": 160}``).
-        checkpoint: what the backbone's weights declare, if anything.
-        default: used for fields neither of the above sets.
-    """
-    base = checkpoint if checkpoint is not None else default
-    if override is None:
-        return base
-    values = override.to_dict() if isinstance(override, Preprocessing) else dict(override)
-    return Preprocessing.from_dict({**base.to_dict(), **{k: v for k, v in values.items() if v is not None}})
-
-
-def _to_tensor(p: Preprocessing, normalize: bool) -> list[Callable[..., Any]]:
+def _to_tensor(p: ImagePreprocessing, normalize: bool) -> list[Callable[..., Any]]:
     if not normalize:
         return [v2.PILToTensor()]
     return [
@@ -142,7 +123,7 @@ def _to_tensor(p: Preprocessing, normalize: bool) -> list[Callable[..., Any]]:
     ]
 
 
-def normalize_images(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:
+def normalize_images(x: torch.Tensor, p: ImagePreprocessing) -> torch.Tensor:
     """A uint8 ``(..., 3, H, W)`` batch scaled to [0, 1] and normalized, on its own device.
 
     The same arithmetic as the transforms' ``ToDtype(scale=True)`` + ``Normalize``.
@@ -160,7 +141,7 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
             torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device))
 
 
-def build_eval_transform(p: Preprocessing, normalize: bool = True) -> v2.Compose:
+def build_eval_transform(p: ImagePreprocessing, normalize: bool = True) -> v2.Compose:
     """Resize the shorter side, centre-crop, scale to [0, 1], normalize: torchvision's eval recipe.
 
     With ``normalize=False`` it stops at a uint8 tensor (``normalize_images`` does the rest later).
@@ -175,7 +156,7 @@ def build_eval_transform(p: Preprocessing, normalize: bool = True) -> v2.Compose
     )
 
 
-def build_train_transform(p: Preprocessing, augment: Augment = "none", normalize: bool = True) -> v2.Compose:
+def build_train_transform(p: ImagePreprocessing, augment: Augment = "none", normalize: bool = True) -> v2.Compose:
     """RandomResizedCrop + horizontal flip (+ optional TrivialAugment / RandAugment) at the checkpoint's size.
 
     Args:

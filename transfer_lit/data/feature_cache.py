@@ -2,10 +2,14 @@
 
 A linear probe spends nearly all its time decoding images and running the backbone, whose output never
 changes while the backbone is frozen and the transform is deterministic. :class:`FeatureCache` computes
-the pooled features of a split once and :class:`FeatureDataset` serves them as :class:`CachedFeatures`
-batches, which :class:`~transfer_lit.TransferModule` sends straight to its head.
+the pooled features of a split once (through the module's own ``features``) and :class:`FeatureDataset`
+serves them as :class:`~transfer_lit.protocols.CachedFeatures` batches, which the module's
+``batch_logits`` sends straight to its head. Which modules qualify is theirs to say
+(:class:`~transfer_lit.protocols.FeatureCacheable`): ``TransferModule`` refuses when it is not a linear
+probe, when the strategy shards the backbone, or when a subclass overrides ``forward`` or
+``batch_logits`` (cached features would bypass them).
 
-An entry is keyed by everything the features depend on (:func:`cache_key`): the backbone class, a hash of
+An entry is keyed by everything the features depend on (:func:`cache_key`): the module and backbone classes, a hash of
 its state dict (weights *and* BatchNorm statistics), the preprocessing, the trainer precision and a
 fingerprint of the image files (path, size, modification time). Changing any of them is a miss. Labels
 are not part of the key: they are read from the current split each time, so relabelling needs no
@@ -15,7 +19,7 @@ Distributed runs: every rank extracts an interleaved shard (``rank::world_size``
 all-gathered, so each rank ends with the whole split (the sampler Lightning injects then shards the
 feature batches as usual). Whether the cache hit is decided on all ranks together, so they never
 disagree. With ``directory`` set, local rank 0 writes the entry atomically; a shared folder is then a
-hit for every rank of a later run. Sharded strategies (FSDP, DeepSpeed) never cache.
+hit for every rank of a later run.
 
 Features are float32 on the CPU: ``images x num_features x 4`` bytes per split (ImageNet-1k train with a
 ResNet-50: 10 GB), moved to the device batch by batch.
@@ -30,38 +34,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_lit.backbones.base import Backbone
+from transfer_lit.data.decode import Sample
 from transfer_lit.preprocessing import Preprocessing
+from transfer_lit.protocols import CachedFeatures, FeatureCacheable
 
 CacheFeatures = bool | Literal["auto"]
-Sample = tuple[str, int]
-_FORMAT_VERSION = 1
-
-
-class CachedFeatures(NamedTuple):
-    """A batch of cached backbone features; the module feeds ``features`` to its head directly."""
-
-    features: torch.Tensor
-    target: torch.Tensor
-
-
-def frozen_backbone(module: Any) -> Backbone | None:
-    """The backbone of ``module`` when it stays frozen for the whole run (``mode == 'linear_probe'``), else None.
-
-    Also None under sharded strategies (FSDP, DeepSpeed: the module's ``gate_only``), where the backbone's
-    parameters are sharded and it cannot run outside the wrapped model.
-    """
-    if getattr(module, "mode", None) != "linear_probe" or getattr(module, "gate_only", False):
-        return None
-    backbone = getattr(module, "backbone", None)
-    return backbone if isinstance(backbone, Backbone) else None
+_FORMAT_VERSION = 2
 
 
 def resolve_cache_features(setting: CacheFeatures, module: Any, split: str, augment: str) -> bool:
@@ -81,13 +66,16 @@ def resolve_cache_features(setting: CacheFeatures, module: Any, split: str, augm
         raise ValueError(f"data.cache_features must be true, false or 'auto', got {setting!r}")
     if setting is False or split not in ("train", "val") or module is None:  # no module: nothing to extract with
         return False
-    if frozen_backbone(module) is None:
+    if not isinstance(module, FeatureCacheable):
+        refusal: str | None = f"{type(module).__name__} is not a transfer_lit.TransferModule (FeatureCacheable)"
+    else:
+        refusal = module.feature_cache_refusal()
+    if refusal is not None:
         if setting is True:
-            raise ValueError(
-                f"data.cache_features=true needs model.mode='linear_probe' (a backbone frozen for the whole run) "
-                f"and a strategy that does not shard it (not FSDP / DeepSpeed), got mode "
-                f"{getattr(module, 'mode', None)!r}; use cache_features 'auto' or false"
-            )
+            raise ValueError(f"data.cache_features=true cannot be honoured: {refusal}; use cache_features 'auto' "
+                             f"(cache only where it is exact) or false")
+        if getattr(module, "mode", None) == "linear_probe" and split == "val":  # a probe that expected the cache
+            rank_zero_warn(f"transfer_lit feature cache: off ({refusal}); validation reads images every epoch")
         return False
     if setting is True and augment != "none":
         raise ValueError(f"data.cache_features=true trains on fixed features, so data.augment must be 'none', "
@@ -114,11 +102,17 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(backbone: nn.Module, preprocessing: Preprocessing, samples: Sequence[Sample], precision: str) -> str:
-    """The identity of a split's features: backbone class and weights, preprocessing, precision, files."""
+def _qualname(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def cache_key(module: FeatureCacheable, preprocessing: Preprocessing, samples: Sequence[Sample], precision: str) -> str:
+    """The identity of a split's features: module and backbone classes, weights, preprocessing, precision, files."""
+    backbone = module.backbone
     parts = {
         "version": _FORMAT_VERSION,
-        "backbone": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
+        "module": _qualname(module),  # a subclass may compute features its own way
+        "backbone": _qualname(backbone),
         "weights": weights_fingerprint(backbone),
         "preprocessing": preprocessing.to_dict(),
         "precision": precision,
@@ -211,13 +205,13 @@ class FeatureCache:
         torch.save({"key": key, "paths": entry.paths, "features": entry.features}, tmp)
         os.replace(tmp, file)
 
-    def features(self, trainer: Any, backbone: Backbone, images: Dataset, samples: Sequence[Sample],
+    def features(self, trainer: Any, module: FeatureCacheable, images: Dataset, samples: Sequence[Sample],
                  preprocessing: Preprocessing, loader_kwargs: dict[str, Any], split: str) -> FeatureEntry:
         """The entry of ``samples`` (decoded by ``images``, same order), extracting it on a miss.
 
         Args:
             trainer: the running Trainer (device, precision, distributed collectives).
-            backbone: the frozen backbone, already on the trainer's device.
+            module: the module whose (frozen) ``features`` are cached, already on the trainer's device.
             images: dataset yielding ``(image tensor, label)`` or ``None`` for ``samples[i]``.
             samples: the split's ``(path, label)`` pairs.
             preprocessing: what ``images`` applies (part of the key).
@@ -225,7 +219,7 @@ class FeatureCache:
             split: name used in the log line.
         """
         strategy = trainer.strategy
-        key = cache_key(backbone, preprocessing, samples, str(trainer.precision))
+        key = cache_key(module, preprocessing, samples, str(trainer.precision))
         entry = self.lookup(key)
         if strategy.reduce_boolean_decision(entry is not None, all=True):
             assert entry is not None
@@ -234,7 +228,7 @@ class FeatureCache:
             return entry
         self.misses += 1
         start = time.perf_counter()
-        entry = extract_features(trainer, backbone, images, samples, loader_kwargs)
+        entry = extract_features(trainer, module, images, samples, loader_kwargs)
         self.extraction_seconds += time.perf_counter() - start
         self.store(key, entry, write=trainer.local_rank == 0)
         rank_zero_info(f"transfer_lit feature cache: {split} miss, extracted {len(entry.paths)} images in "
@@ -243,11 +237,13 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def extract_features(trainer: Any, backbone: Backbone, images: Dataset, samples: Sequence[Sample],
+def extract_features(trainer: Any, module: FeatureCacheable, images: Dataset, samples: Sequence[Sample],
                      loader_kwargs: dict[str, Any]) -> FeatureEntry:
-    """Pooled float32 features of every readable sample, each rank computing the shard ``rank::world_size``."""
+    """Pooled float32 features (``module.features``) of every readable sample, each rank computing the shard
+    ``rank::world_size``."""
     strategy, precision = trainer.strategy, trainer.precision_plugin
     rank, world = trainer.global_rank, trainer.world_size
+    backbone = module.backbone
     device = next(backbone.parameters()).device
     shard = list(range(rank, len(samples), world))
     rows = -(-len(samples) // world)  # every rank gathers the same number of rows
@@ -263,7 +259,7 @@ def extract_features(trainer: Any, backbone: Backbone, images: Dataset, samples:
                 continue
             x, index = batch
             with precision.forward_context():
-                out = backbone(precision.convert_input(x.to(device, non_blocking=True)))
+                out = module.features(precision.convert_input(x.to(device, non_blocking=True)))
             local = (index.to(device) - rank) // world
             features[local] = out.float()
             valid[local] = True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from transfer_lit.images import IMAGE_EXTENSIONS, Sample
+from transfer_lit.data.decode import IMAGE_EXTENSIONS, Sample
 
 
 def list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:

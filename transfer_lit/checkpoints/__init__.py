@@ -1,0 +1,26 @@
+"""Checkpoints: atomic writes and stale temporary files, whether a checkpoint fits the model, locating
+``last``, random-number-generator state, and a checkpoint's hyperparameters on the command line."""
+
+from transfer_lit.checkpoints.compat import check_checkpoint_fits, describe_config
+from transfer_lit.checkpoints.hparams import with_checkpoint_model
+from transfer_lit.checkpoints.io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temps, temp_path
+from transfer_lit.checkpoints.locate import checkpoint_dir, find_last_checkpoint, resume_command
+from transfer_lit.checkpoints.rng import capture_rng, restore_rng
+from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "atomic_torch_save",
+    "capture_rng",
+    "check_checkpoint_fits",
+    "checkpoint_dir",
+    "describe_config",
+    "find_last_checkpoint",
+    "remove_stale_temps",
+    "restore_rng",
+    "restore_transfer_state",
+    "resume_command",
+    "save_transfer_state",
+    "temp_path",
+    "with_checkpoint_model",
+]

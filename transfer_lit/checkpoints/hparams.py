@@ -1,0 +1,41 @@
+"""A checkpoint's model hyperparameters on the command line: ``predict --ckpt_path X`` needs no recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def with_checkpoint_model(argv: list[str]) -> list[str]:
+    """``argv`` with ``--model <the checkpoint's model hyperparameters>`` right after the subcommand, when
+    ``--ckpt_path`` names a checkpoint file, so that whatever the command line sets comes after (and wins)."""
+    commands = [i for i, arg in enumerate(argv) if arg in ("fit", "validate", "test", "predict")]
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
+    if path is None and "--ckpt_path" in argv[:-1]:
+        path = argv[argv.index("--ckpt_path") + 1]
+    if not commands or path is None or not Path(path).is_file():
+        return argv
+    try:  # mmap: only the hyperparameters are read, not gigabytes of weights
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    except Exception:  # not a checkpoint: Lightning reports it with its own message later
+        return argv
+    model = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if not model or "_class_path" in hparams:  # saved outside this CLI's model class
+        return argv
+    try:
+        encoded = json.dumps(model)
+    except (TypeError, ValueError):  # an object jsonargparse could not read back either
+        return argv
+    at = commands[0] + 1
+    return [*argv[:at], "--model", encoded, *argv[at:]]
+
+
+def given_hparams() -> bool:
+    """True when LightningCLI passes the parsed config as hyperparameters (objects then need no ignoring)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older/newer Lightning
+        return False
+    return _given_hyperparameters.get() is not None

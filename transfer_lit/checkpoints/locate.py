@@ -1,0 +1,52 @@
+"""Where a run's checkpoints are, ``--ckpt_path last`` across logger versions, and the command that resumes."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def checkpoint_dir(trainer: Trainer) -> Path:
+    """The folder of this run's ``ModelCheckpoint`` (set in its ``setup``), else ``<default_root_dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ckpt") -> Path | None:
+    """The newest ``last*.ckpt`` or interrupt checkpoint of any earlier run of this configuration.
+
+    Looks where ``ModelCheckpoint`` would write: its ``dirpath`` if set, else every version folder of
+    the first logger (``<save_dir>/<name>/*/checkpoints``), else ``<default_root_dir>/checkpoints``.
+    Temporary files of an interrupted write are never candidates.
+    """
+    folders: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            folders.append(Path(callback.dirpath))
+    if not folders and trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = Path(logger.save_dir or trainer.default_root_dir)
+        folders += sorted(save_dir.joinpath(str(logger.name)).glob("*/checkpoints"))
+    if not folders:
+        folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    candidates = [p for folder in folders for p in (*folder.glob("last*.ckpt"), folder / interrupt_name) if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """``argv`` as a ``transfer-lit`` command line with ``--ckpt_path`` set to ``checkpoint``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        kept.append(arg)
+    return shlex.join(["transfer-lit", *kept, "--ckpt_path", checkpoint])

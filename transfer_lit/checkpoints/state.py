@@ -1,0 +1,38 @@
+"""What a TransferModule keeps in a checkpoint besides its weights, and how it is restored.
+
+``checkpoint["transfer_lit"]`` holds the preprocessing the weights were trained with (tagged with its
+modality), the class names (the copy that wins on reload: the hyperparameters' copy is only what the
+command line started from), the frozen blocks and the LR finder's ``lr_scale``. The checkpoint is
+checked against the model first (:func:`~transfer_lit.checkpoints.check_checkpoint_fits`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transfer_lit.checkpoints.compat import check_checkpoint_fits
+from transfer_lit.preprocessing import Preprocessing
+
+
+def save_transfer_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Add ``module``'s preprocessing, class names, frozen blocks and ``lr_scale`` to ``checkpoint``."""
+    checkpoint["transfer_lit"] = {
+        "preprocessing": module.preprocessing.to_dict(),
+        "class_names": list(module.class_names),
+        "frozen_blocks": sorted(module.frozen_blocks),
+        "lr_scale": module.lr_scale,
+    }
+
+
+def restore_transfer_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Check that ``checkpoint`` fits ``module`` (unless the strategy shards the tensors), then restore what
+    :func:`save_transfer_state` saved; an explicit ``model.preprocessing`` still wins over the saved one."""
+    if not module.freezing.shards_parameters:  # sharded strategies hold flattened shards: shapes cannot be compared
+        check_checkpoint_fits(checkpoint, module)
+    state = checkpoint.get("transfer_lit")
+    if state is None:
+        return
+    module.preprocessing = module.resolve_preprocessing(Preprocessing.from_dict(state["preprocessing"]))
+    module.class_names = list(state["class_names"])
+    module.lr_scale = float(state["lr_scale"])
+    module.set_frozen_blocks(state["frozen_blocks"])
