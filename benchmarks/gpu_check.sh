@@ -19,7 +19,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" \
   | tee "$OUT/device.txt"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sync_free.py tests/test_performance.py \
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sync_free.py tests/test_speed.py \
     2>&1 | tee "$OUT/gpu_tests_full.txt" | tail -15 | tee "$OUT/gpu_tests.txt" || status=1
 else
   echo "pytest is not installed here: GPU tests skipped" | tee "$OUT/gpu_tests.txt"

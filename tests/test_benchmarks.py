@@ -227,7 +227,7 @@ def test_gpu_check_tests_collect_without_jsonargparse(tmp_path: Path) -> None:
     code = ("import sys, pytest\n"
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--collect-only', '-m', 'gpu', '--rootdir', "
             f"{str(REPO)!r}, {str(REPO / 'tests' / 'test_sync_free.py')!r}, "
-            f"{str(REPO / 'tests' / 'test_performance.py')!r}]))\n")
+            f"{str(REPO / 'tests' / 'test_speed.py')!r}]))\n")
     proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

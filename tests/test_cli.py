@@ -16,7 +16,6 @@ from conftest import COLORS, make_image_folder
 from transfer_lit import ImageDataModule, TransferModule
 from transfer_lit.checkpoints import with_checkpoint_model
 from transfer_lit.cli import TransferCLI, main
-from transfer_lit.speed import apply_gpu_defaults, prefer_tf32
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -198,38 +197,6 @@ def test_test_subcommand_prints_report(trained: tuple[list[str], Path], capsys: 
     counts = [[int(v) for v in lines[matrix + 2 + i].split()[1:]] for i in range(3)]
     assert [lines[matrix + 2 + i].split()[0] for i in range(3)] == sorted(COLORS)
     assert [sum(r) for r in counts] == [4, 4, 4]
-
-
-def test_gpu_defaults_fill_only_what_the_user_left_unset() -> None:
-    unset: dict = {"precision": None, "benchmark": None}
-    apply_gpu_defaults(unset, cuda=True, bf16=True)
-    assert unset == {"precision": "bf16-mixed", "benchmark": True}
-    chosen = {"precision": "32-true", "benchmark": False}
-    apply_gpu_defaults(chosen, cuda=True, bf16=True)
-    assert chosen == {"precision": "32-true", "benchmark": False}
-    deterministic = {"precision": None, "benchmark": None, "deterministic": True}
-    apply_gpu_defaults(deterministic, cuda=True, bf16=False)  # a GPU without bf16 keeps full precision
-    assert deterministic == {"precision": None, "benchmark": None, "deterministic": True}
-    cpu: dict = {"precision": None, "benchmark": None}
-    apply_gpu_defaults(cpu, cuda=False, bf16=False)
-    assert cpu == {"precision": None, "benchmark": None}
-
-
-def test_tf32_is_switched_on_for_cuda_only_and_restored() -> None:
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        restore = prefer_tf32(cuda=True)
-        assert torch.get_float32_matmul_precision() == "high"
-        restore()
-        assert torch.get_float32_matmul_precision() == "highest"
-        prefer_tf32(cuda=False)
-        assert torch.get_float32_matmul_precision() == "highest"
-        torch.set_float32_matmul_precision("medium")  # the user's own choice is kept
-        prefer_tf32(cuda=True)
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 # ----------------------------------------------------------------- a checkpoint is enough for predict / test

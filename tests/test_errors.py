@@ -1,6 +1,6 @@
 """Bad input, end to end through the CLI: one clear message (key or file, value, what is valid), exit 2.
 
-The DataModule-level errors are unit-tested in test_data.py, unknown backbone / weights names and a zero
+The DataModule-level errors are unit-tested in test_images.py, unknown backbone / weights names and a zero
 batch size in test_cli.py; here each item of the bad-input list runs through ``transfer-lit`` itself.
 """
 

@@ -1,260 +1,409 @@
-"""Tests for transfer_lit.data.decode, on files Pillow really encodes in tmp_path."""
+"""Tests for transfer_lit.data on small image folders written in tmp_path."""
 
 from __future__ import annotations
 
-import pickle
-import random
+import csv
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from conftest import COLORS, TinyBackbone, make_image_folder
+from lightning.pytorch import Trainer, seed_everything
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from transfer_lit.data.decode import (
-    BAD_IMAGE_POLICIES,
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    load_image,
-    scan_images,
-)
+from transfer_lit import BadImageError, ImageDataModule, ImagePreprocessing, TransferModule
+from transfer_lit.data import default_num_workers
+from transfer_lit.preprocessing import normalize_images
+from transfer_lit.protocols import CachedFeatures
 
-HYMENOPTERA = Path("/work/shared/data/hymenoptera_data")
-WHITE = (255, 255, 255)
+CLASSES = sorted(COLORS)  # ['blue', 'green', 'red']
+SMALL = ImagePreprocessing(28, 24, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def _close(actual: object, expected: tuple[int, ...], tolerance: int = 12) -> bool:
-    assert isinstance(actual, tuple), actual
-    return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
+def _files(dm: ImageDataModule, split: str) -> set[str]:
+    return {path for path, _ in dm.splits[split]}
 
 
-def _header(path: Path) -> tuple[str, dict]:
-    """Mode and info of a file as Pillow opens it, closing the file."""
-    with Image.open(path) as img:
-        return img.mode, img.info
+def _trainer() -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0)
 
 
-def _noise_jpeg(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
-    rng = random.Random(0)
-    img = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3))
-    img.save(path, "JPEG", quality=95)
+def _corrupt_jpeg(path: Path) -> Path:
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     return path
 
 
-def test_extensions_match_imagefolder_and_exclude_gif() -> None:
-    assert set(IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS)
-    assert all(ext.startswith(".") and ext == ext.lower() for ext in IMAGE_EXTENSIONS)
-    assert ".gif" not in IMAGE_EXTENSIONS
-    assert BAD_IMAGE_POLICIES == ("error", "skip")
+# ----------------------------------------------------------------- layouts
 
 
-def test_good_jpeg_loads_as_independent_rgb(tmp_path: Path) -> None:
-    path = _noise_jpeg(tmp_path / "ok.jpg")
-    img = load_image(path)
-    path.unlink()  # the returned image must not need the file any more
-    assert img.mode == "RGB" and img.size == (64, 64)
-    img.load()
+def test_train_val_test_folders(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), num_workers=0)
+    assert dm.class_names == CLASSES and dm.num_classes == 3
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 18}
+    for split, samples in dm.splits.items():
+        for path, label in samples:
+            assert Path(path).parent.name == CLASSES[label]
+            assert Path(path).parts[-3] == split
+    assert dm.class_counts("val") == {"blue": 6, "green": 6, "red": 6}
 
 
-def test_truncated_jpeg_is_bad(tmp_path: Path) -> None:
-    data = _noise_jpeg(tmp_path / "full.jpg").read_bytes()
-    path = tmp_path / "half.jpg"
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BadImageError, match="truncated") as info:
-        load_image(path)
-    assert info.value.path == str(path)
+def test_single_folder_gets_seeded_stratified_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"all": 10}) / "all"
+    dm = ImageDataModule(root=str(root), val_fraction=0.2, seed=1, num_workers=0)
+    assert set(dm.splits) == {"train", "val"}
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 8)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 2)
+    assert not _files(dm, "train") & _files(dm, "val")
+    assert len(_files(dm, "train") | _files(dm, "val")) == 30
+
+    same = ImageDataModule(root=str(root), val_fraction=0.2, seed=1, num_workers=0)
+    assert same.splits == dm.splits
+    other = ImageDataModule(root=str(root), val_fraction=0.2, seed=2, num_workers=0)
+    assert _files(other, "val") != _files(dm, "val")
+    assert other.class_counts("val") == dict.fromkeys(CLASSES, 2)
+
+
+def test_train_without_val_is_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"train": 5, "test": 2})
+    dm = ImageDataModule(root=str(root), val_fraction=0.4, num_workers=0)
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 3)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 2)
+    assert dm.class_counts("test") == dict.fromkeys(CLASSES, 2)
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, ...] = ("path", "label")) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _rows(root: Path, split: str) -> list[tuple[str, str]]:
+    return [(str(p.relative_to(root)), p.parent.name) for p in sorted((root / split).rglob("*.png"))]
+
+
+def test_csv_with_relative_paths(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"))
+    val = _write_csv(image_folder / "val.csv", _rows(image_folder, "val"))
+    test = _write_csv(image_folder / "test.csv", _rows(image_folder, "test")[:5])
+    dm = ImageDataModule(train_csv=str(train), val_csv=str(val), test_csv=str(test), num_workers=0)
+    assert dm.class_names == CLASSES
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 5}
+    folder = ImageDataModule(root=str(image_folder), num_workers=0)
+    assert sorted(dm.splits["train"]) == sorted(folder.splits["train"])  # same files, same labels
+    assert all(Path(p).is_absolute() or Path(p).is_file() for p, _ in dm.splits["train"])
+
+
+def test_csv_without_val_is_split(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"))
+    dm = ImageDataModule(train_csv=str(train), val_fraction=0.25, num_workers=0)
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 9)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 3)
+
+
+def test_few_shot_exact_and_seeded(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), samples_per_class=5, seed=0, num_workers=0)
+    assert dm.class_counts("train") == dict.fromkeys(CLASSES, 5)
+    assert dm.class_counts("val") == dict.fromkeys(CLASSES, 6)  # only training images are subsampled
+    again = ImageDataModule(root=str(image_folder), samples_per_class=5, seed=0, num_workers=0)
+    assert _files(again, "train") == _files(dm, "train")
+    other = ImageDataModule(root=str(image_folder), samples_per_class=5, seed=3, num_workers=0)
+    assert _files(other, "train") != _files(dm, "train")
+    full = ImageDataModule(root=str(image_folder), samples_per_class=12, num_workers=0)
+    assert len(full.splits["train"]) == 36
+
+
+def test_class_names_sorted_and_labels_follow_them(tmp_path: Path) -> None:
+    for name in ("zebra", "Apple", "mango"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
+    dm = ImageDataModule(root=str(tmp_path), num_workers=0)
+    assert dm.class_names == ["Apple", "mango", "zebra"]
+    for split in ("train", "val"):
+        assert all(dm.class_names[label] == Path(path).parent.name for path, label in dm.splits[split])
+
+
+# ----------------------------------------------------------------- transforms from the module
+
+
+def test_transforms_come_from_the_module(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0)
+    with pytest.raises(RuntimeError, match="preprocessing"):
+        dm.resolved_preprocessing()  # no trainer, no module yet
+    backbone = TinyBackbone(image_size=20)
+    module = TransferModule(backbone, num_classes=dm.num_classes, class_names=dm.class_names)
+    trainer = _trainer()
+    trainer.fit(module, datamodule=dm)
+    assert dm.resolved_preprocessing() == backbone.preprocessing == module.preprocessing
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8  # normalized on the training device
+        assert y.dtype == torch.int64
+        x, y = dm.transfer_batch_to_device([x, y], torch.device("cpu"), 0)
+        assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float32
+
+
+def test_explicit_preprocessing_wins(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    module = TransferModule(TinyBackbone(image_size=20), num_classes=3)
+    _trainer().validate(module, datamodule=dm)
+    assert dm.resolved_preprocessing() == SMALL
+    x, _ = next(iter(dm.val_dataloader()))
+    assert x.shape[-2:] == (24, 24)
+    x = dm.normalize(x)
+    # Normalised with the explicit statistics: the blue class' blue channel is far above its red one.
+    assert (x[:, 2] - x[:, 0]).mean() > 2
+
+
+def test_predict_loader_returns_paths(image_folder: Path) -> None:
+    dm = ImageDataModule(predict_root=str(image_folder / "test"), batch_size=50, num_workers=0, preprocessing=SMALL)
+    x, paths = next(iter(dm.predict_dataloader()))
+    assert x.shape == (18, 3, 24, 24)
+    assert sorted(paths) == sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
+
+
+# ----------------------------------------------------------------- DataLoader defaults
+
+
+@pytest.mark.parametrize(("cores", "devices", "cuda", "workers"), [
+    (1, 1, False, 0), (2, 1, False, 1), (4, 1, False, 3), (64, 1, False, 8),
+    (2, 1, True, 1), (16, 1, True, 15), (64, 1, True, 16), (64, 8, True, 7), (8, 8, True, 0),
+])
+def test_default_num_workers_from_core_count(
+    monkeypatch: pytest.MonkeyPatch, cores: int, devices: int, cuda: bool, workers: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_num_workers(devices, cuda) == workers
+
+
+def test_loader_defaults(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), preprocessing=SMALL)
+    assert dm.num_workers is None and dm.loader_workers() == default_num_workers()
+    dm.num_workers = 0  # set after construction: still what the loaders get
+    assert dm.train_dataloader().num_workers == 0
+    for workers in (0, 2):
+        dm = ImageDataModule(root=str(image_folder), batch_size=5, num_workers=workers, preprocessing=SMALL)
+        train, val = dm.train_dataloader(), dm.val_dataloader()
+        assert train.num_workers == val.num_workers == workers
+        assert train.persistent_workers is val.persistent_workers is (workers > 0)
+        assert train.pin_memory is val.pin_memory is torch.cuda.is_available()
+        assert train.batch_size == 5 and train.drop_last and not val.drop_last
+        assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+        assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
+
+
+# ----------------------------------------------------------------- errors name the key, the value, the fix
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=r"data\.root=.*nowhere.*no such directory"):
+        ImageDataModule(root=str(missing))
+
+
+def test_root_without_class_folders(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match=r"data\.root.*has no class sub-folders; expected .*<class name>"):
+        ImageDataModule(root=str(tmp_path))
+
+
+def test_val_without_train(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"val": 2})
+    with pytest.raises(FileNotFoundError, match=r"data\.root=.*has val/ or test/ but no train/"):
+        ImageDataModule(root=str(root))
+
+
+def test_empty_class_folder(image_folder: Path) -> None:
+    (image_folder / "train" / "purple").mkdir()
+    (image_folder / "train" / "purple" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"data\.root \(train/\).*\['purple'\] contain no images.*\.jpg"):
+        ImageDataModule(root=str(image_folder))
+
+
+def test_class_in_val_not_in_train(image_folder: Path) -> None:
+    (image_folder / "val" / "purple").mkdir()
+    Image.new("RGB", (8, 8)).save(image_folder / "val" / "purple" / "p.png")
+    with pytest.raises(ValueError, match=r"\['purple'\] appear in val but not in train.*\['blue', 'green', 'red'\]"):
+        ImageDataModule(root=str(image_folder))
+
+
+def test_csv_label_in_val_not_in_train(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"))
+    val = _write_csv(image_folder / "val.csv", [("val/red/red_0.png", "crimson")])
+    with pytest.raises(ValueError, match=r"\['crimson'\] appear in val but not in train"):
+        ImageDataModule(train_csv=str(train), val_csv=str(val))
+
+
+def test_fewer_images_than_samples_per_class(image_folder: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.samples_per_class=13 .*fewer.*'blue': 12"):
+        ImageDataModule(root=str(image_folder), samples_per_class=13)
+
+
+def test_csv_with_missing_file(image_folder: Path) -> None:
+    rows = [*_rows(image_folder, "train"), ("train/red/ghost.png", "red")]
+    train = _write_csv(image_folder / "train.csv", rows)
+    with pytest.raises(FileNotFoundError, match=r"data\.train_csv=.*train\.csv.* 1 file\(s\) that do not exist.*ghost"):
+        ImageDataModule(train_csv=str(train))
+
+
+def test_csv_with_wrong_header(image_folder: Path) -> None:
+    train = _write_csv(image_folder / "train.csv", _rows(image_folder, "train"), header=("file", "class"))
+    with pytest.raises(ValueError, match=r"data\.train_csv=.*columns 'path' and 'label', got \['file', 'class'\]"):
+        ImageDataModule(train_csv=str(train))
+
+
+def test_missing_csv(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.train_csv=.*nope\.csv.*no such file"):
+        ImageDataModule(train_csv=str(tmp_path / "nope.csv"))
 
 
 @pytest.mark.parametrize(
-    ("name", "content"),
+    ("kwargs", "message"),
     [
-        ("noise.jpg", random.Random(1).randbytes(2000)),
-        ("notes.png", b"just some text, not a PNG\n"),
-        ("empty.jpg", b""),
+        ({"batch_size": 0}, r"data\.batch_size must be a positive integer, got 0"),
+        ({"batch_size": -4}, r"data\.batch_size must be a positive integer, got -4"),
+        ({"samples_per_class": 0}, r"data\.samples_per_class must be a positive integer, got 0"),
+        ({"val_fraction": 1.0}, r"data\.val_fraction must be in \(0, 1\), got 1\.0"),
+        ({"bad_images": "ignore"}, r"data\.bad_images must be 'error' or 'skip', got 'ignore'"),
     ],
 )
-def test_non_image_with_image_extension_is_bad(tmp_path: Path, name: str, content: bytes) -> None:
-    path = tmp_path / name
-    path.write_bytes(content)
-    with pytest.raises(BadImageError, match="not an image") as info:
-        load_image(path)
-    assert str(info.value) == f"cannot read image '{path}': {info.value.reason}"
+def test_bad_arguments(image_folder: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageDataModule(root=str(image_folder), **kwargs)
 
 
-def test_missing_file_is_bad(tmp_path: Path) -> None:
-    with pytest.raises(BadImageError, match="No such file"):
-        load_image(tmp_path / "absent.png")
+def test_no_root_and_no_csv() -> None:
+    with pytest.raises(ValueError, match=r"data\.root or data\.train_csv"):
+        ImageDataModule()
 
 
-def test_gif_is_readable_but_not_an_image_extension(tmp_path: Path) -> None:
-    # torchvision's ImageFolder skips .gif (not in IMG_EXTENSIONS), so IMAGE_EXTENSIONS does too and a
-    # dataset never lists one. load_image itself still reads a valid GIF (its first frame): deciding
-    # which files belong to a dataset is the extension filter's job, not the decoder's.
-    path = tmp_path / "real.gif"
-    img = Image.new("P", (8, 6), 1)
-    img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
-    img.save(path)
-    assert path.suffix not in IMAGE_EXTENSIONS
-    loaded = load_image(path)
-    assert loaded.mode == "RGB" and loaded.getpixel((0, 0)) == (0, 255, 0)
+def test_missing_test_split(tmp_path: Path) -> None:
+    dm = ImageDataModule(root=str(make_image_folder(tmp_path, {"train": 3, "val": 1})), preprocessing=SMALL)
+    with pytest.raises(ValueError, match=r"no test data: add test/ under data\.root or set data\.test_csv"):
+        dm.test_dataloader()
 
 
-def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
-    path = tmp_path / "gray.png"
-    Image.new("L", (5, 5), 77).save(path)
-    assert load_image(path).getpixel((2, 2)) == (77, 77, 77)
+# ----------------------------------------------------------------- unreadable images
 
 
-def test_one_bit_becomes_rgb(tmp_path: Path) -> None:
-    path = tmp_path / "bits.png"
-    img = Image.new("1", (4, 1), 0)
-    img.putpixel((3, 0), 1)
-    img.save(path)
-    loaded = load_image(path)
-    assert loaded.getpixel((0, 0)) == (0, 0, 0) and loaded.getpixel((3, 0)) == WHITE
+def test_bad_image_error_names_the_file(image_folder: Path) -> None:
+    bad = _corrupt_jpeg(image_folder / "val" / "red" / "broken.jpg")
+    dm = ImageDataModule(root=str(image_folder), batch_size=64, num_workers=0, preprocessing=SMALL)
+    with pytest.raises(BadImageError, match=r"broken\.jpg") as info:
+        next(iter(dm.val_dataloader()))
+    assert info.value.path == str(bad)
 
 
-@pytest.mark.parametrize(
-    ("mode", "transparent", "opaque", "opaque_rgb"),
-    [("RGBA", (255, 0, 0, 0), (0, 0, 255, 255), (0, 0, 255)), ("LA", (0, 0), (50, 255), (50, 50, 50))],
-)
-def test_alpha_is_composited_on_white(
-    tmp_path: Path, mode: str, transparent: tuple[int, ...], opaque: tuple[int, ...], opaque_rgb: tuple[int, ...]
-) -> None:
-    path = tmp_path / f"{mode}.png"
-    img = Image.new(mode, (2, 1), transparent)  # hidden color under alpha 0 must not show
-    img.putpixel((1, 0), opaque)
-    img.save(path)
-    loaded = load_image(path)
-    assert loaded.mode == "RGB"
-    assert loaded.getpixel((0, 0)) == WHITE
-    assert loaded.getpixel((1, 0)) == opaque_rgb
+def test_bad_image_skip_drops_it(image_folder: Path) -> None:
+    _corrupt_jpeg(image_folder / "val" / "red" / "broken.jpg")
+    dm = ImageDataModule(root=str(image_folder), batch_size=64, num_workers=0, bad_images="skip", preprocessing=SMALL)
+    assert len(dm.splits["val"]) == 19  # found by extension, unreadable
+    x, y = next(iter(dm.val_dataloader()))
+    assert len(x) == len(y) == 18
 
 
-def test_half_transparent_pixel_is_blended_with_white(tmp_path: Path) -> None:
-    path = tmp_path / "half.png"
-    Image.new("RGBA", (1, 1), (0, 0, 0, 128)).save(path)
-    assert _close(load_image(path).getpixel((0, 0)), (127, 127, 127), tolerance=1)
+def test_scan_finds_every_bad_file_at_once(image_folder: Path) -> None:
+    bad = {_corrupt_jpeg(image_folder / "train" / "red" / "broken.jpg"),
+           _corrupt_jpeg(image_folder / "val" / "blue" / "also_broken.png")}
+    dm = ImageDataModule(root=str(image_folder), scan=True, num_workers=0, preprocessing=SMALL)
+    with pytest.raises(BadImageError, match=r"2 unreadable image\(s\).*'skip'") as info:
+        dm.setup("fit")
+    assert all(str(path) in str(info.value) for path in bad)
+
+    dm = ImageDataModule(root=str(image_folder), scan=True, bad_images="skip", num_workers=0, preprocessing=SMALL)
+    dm.setup("fit")
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 36, "val": 18, "test": 18}
+    assert not {str(p) for p in bad} & {p for split in dm.splits.values() for p, _ in split}
 
 
-def test_palette_with_transparency(tmp_path: Path) -> None:
-    path = tmp_path / "palette.png"
-    img = Image.new("P", (2, 1), 0)
-    img.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
-    img.putpixel((1, 0), 1)
-    img.save(path, transparency=0)  # index 0 (red) is transparent
-    assert _header(path)[1].get("transparency") == 0
-    loaded = load_image(path)
-    assert loaded.getpixel((0, 0)) == WHITE
-    assert loaded.getpixel((1, 0)) == (0, 255, 0)
+# ----------------------------------------------------------------------------- normalize_on_device
 
 
-def test_plain_palette_keeps_colors(tmp_path: Path) -> None:
-    path = tmp_path / "palette.bmp"
-    img = Image.new("P", (1, 1), 0)
-    img.putpalette([10, 20, 30] + [0] * 765)
-    img.save(path)
-    assert load_image(path).getpixel((0, 0)) == (10, 20, 30)
+def test_normalizing_on_the_device_equals_normalizing_in_the_workers(image_folder: Path) -> None:
+    on_device = ImageDataModule(root=str(image_folder), batch_size=6, num_workers=0, preprocessing=SMALL)
+    in_workers = ImageDataModule(root=str(image_folder), batch_size=6, num_workers=0, preprocessing=SMALL,
+                                 normalize_on_device=False)
+    (u8, y8), (f32, y32) = next(iter(on_device.val_dataloader())), next(iter(in_workers.val_dataloader()))
+    assert u8.dtype == torch.uint8 and f32.dtype == torch.float32 and torch.equal(y8, y32)
+    assert u8.numel() == f32.numel()  # a quarter of the bytes through shared and pinned memory
+    moved = on_device.transfer_batch_to_device([u8, y8], torch.device("cpu"), 0)
+    assert torch.equal(moved[0], f32)  # the same arithmetic, bit for bit
+    assert normalize_images(u8, SMALL).equal(f32)
+    cached = CachedFeatures(torch.randn(2, 4), torch.tensor([0, 1]))
+    moved_cached = on_device.transfer_batch_to_device(cached, torch.device("cpu"), 0)  # float batches pass untouched
+    assert isinstance(moved_cached, CachedFeatures) and moved_cached.features is cached.features
 
 
-def test_cmyk_jpeg_keeps_colors(tmp_path: Path) -> None:
-    path = tmp_path / "cmyk.jpg"
-    img = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # red
-    img.paste((255, 255, 0, 0), (8, 0, 16, 8))  # blue
-    img.save(path, "JPEG", quality=95)
-    assert _header(path)[0] == "CMYK"
-    loaded = load_image(path)
-    assert _close(loaded.getpixel((2, 4)), (255, 0, 0))
-    assert _close(loaded.getpixel((13, 4)), (0, 0, 255))
+def test_training_is_the_same_whether_workers_or_the_device_normalize(image_folder: Path) -> None:
+    weights = []
+    for normalize_on_device in (True, False):
+        seed_everything(0)
+        dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0,
+                             normalize_on_device=normalize_on_device)
+        module = TransferModule(TinyBackbone(image_size=20), num_classes=dm.num_classes, mode="finetune")
+        Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
+        weights.append(module.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize(("suffix", "mode"), [(".png", "I;16"), (".tif", "I;16B")])
-def test_16_bit_gray_is_scaled_not_clipped(tmp_path: Path, suffix: str, mode: str) -> None:
-    path = tmp_path / f"deep{suffix}"
-    img = Image.new(mode, (3, 1), 32896)  # mid-gray: 32896 / 257 = 128
-    img.putpixel((1, 0), 65535)
-    img.putpixel((2, 0), 0)
-    img.save(path)
-    with Image.open(path) as raw:
-        assert raw.mode == mode
-        assert raw.convert("L").getpixel((0, 0)) == 255  # why scaling is needed: Pillow's convert clips
-    loaded = load_image(path)
-    assert loaded.getpixel((0, 0)) == (128, 128, 128)
-    assert loaded.getpixel((1, 0)) == WHITE
-    assert loaded.getpixel((2, 0)) == (0, 0, 0)
+def test_true_precision_gets_normalized_images_in_its_dtype(image_folder: Path) -> None:
+    """Lightning converts ``*-true`` inputs before the transfer, when they are still uint8: the hook converts after."""
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0)
+    module = TransferModule(TinyBackbone(image_size=20), num_classes=dm.num_classes)
+    trainer = Trainer(accelerator="cpu", devices=1, precision="bf16-true", limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=dm)
+    x = dm.transfer_batch_to_device(next(iter(dm.val_dataloader())), torch.device("cpu"), 0)[0]
+    assert x.dtype == torch.bfloat16
 
 
-def test_float_image_is_clipped(tmp_path: Path) -> None:
-    path = tmp_path / "float.tif"
-    img = Image.new("F", (3, 1), 100.0)
-    img.putpixel((0, 0), -10.0)
-    img.putpixel((2, 0), 300.5)
-    img.save(path)
-    assert _header(path)[0] == "F"
-    loaded = load_image(path)
-    assert [loaded.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (100, 100, 100), WHITE]
+def test_uint8_images_without_the_datamodule_hook_get_a_clear_error(image_folder: Path) -> None:
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    module = TransferModule(TinyBackbone(image_size=24), num_classes=dm.num_classes)
+    with pytest.raises(TypeError, match="normalize_on_device"):
+        _trainer().validate(module, dataloaders=dm.val_dataloader())  # a loader, not `datamodule=`
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    path = tmp_path / "rotated.jpg"
-    img = Image.new("RGB", (40, 20), (255, 0, 0))
-    img.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    img.save(path, "JPEG", quality=95, exif=exif)
-    loaded = load_image(path)
-    assert loaded.size == (20, 40)
-    assert _close(loaded.getpixel((10, 5)), (255, 0, 0))  # the left half is now on top
-    assert _close(loaded.getpixel((10, 35)), (0, 0, 255))
+def test_normalize_follows_the_preprocessing_it_meets(image_folder: Path) -> None:
+    """A data module reused with another checkpoint normalizes with that checkpoint's statistics."""
+    dm = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(dm.normalize(images), torch.full((1, 3, 2, 2), 2.0))  # (1 - 0.5) / 0.25
+    dm.preprocessing = ImagePreprocessing(28, 24, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert torch.allclose(dm.normalize(images), torch.ones(1, 3, 2, 2))
 
 
-def test_too_many_pixels(tmp_path: Path) -> None:
-    path = tmp_path / "big.png"
-    Image.new("RGB", (10, 10)).save(path)
-    with pytest.raises(BadImageError) as info:
-        load_image(path, max_pixels=99)
-    assert "10x10 = 100 pixels" in info.value.reason
-    assert "99" in info.value.reason and "max_pixels" in info.value.reason
-    assert load_image(path, max_pixels=100).size == (10, 10)
+class HookedModule(TransferModule):
+    """Research code's GPU augmentation: it must still run, on normalized float images."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.seen.append((batch[0].dtype, float(batch[0].min())))
+        return batch
 
 
-def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_pixels"):
-        load_image(tmp_path / "x.png", max_pixels=0)
-    with pytest.raises(ValueError, match="num_workers"):
-        scan_images([], num_workers=-1)
+class HookedData(ImageDataModule):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # no super(): the base does nothing
+        self.seen.append((batch[0].dtype, float(batch[0].min())))
+        return batch
 
 
-def test_bad_image_error_survives_pickling() -> None:
-    error = pickle.loads(pickle.dumps(BadImageError("a.jpg", "broken")))
-    assert isinstance(error, BadImageError) and isinstance(error, ValueError)
-    assert (error.path, error.reason, str(error)) == ("a.jpg", "broken", "cannot read image 'a.jpg': broken")
-
-
-@pytest.mark.parametrize("num_workers", [0, 3])
-def test_scan_reports_all_bad_files_in_order(tmp_path: Path, num_workers: int) -> None:
-    good = _noise_jpeg(tmp_path / "good.jpg")
-    truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(good.read_bytes()[:500])
-    text = tmp_path / "text.png"
-    text.write_text("hello")
-    big = tmp_path / "big.png"
-    Image.new("L", (100, 100)).save(big)
-    missing = tmp_path / "missing.webp"
-    paths = [text, good, big, truncated, good, missing]
-    errors = scan_images(paths, max_pixels=64 * 64, num_workers=num_workers)
-    assert [error.path for error in errors] == [str(text), str(big), str(truncated), str(missing)]
-    assert ["not an image" in error.reason for error in errors] == [True, False, False, False]
-    assert scan_images([], num_workers=num_workers) == []
-
-
-@pytest.mark.skipif(not HYMENOPTERA.exists(), reason=f"{HYMENOPTERA} is absent (the hymenoptera tutorial data set)")
-def test_hymenoptera_train_folder() -> None:
-    # train/ants/imageNotFound.gif is the placeholder picture a crawler saved instead of an ant: a valid
-    # 300x300 GIF, not a broken file. ImageFolder never sees it (.gif is not an image extension) and
-    # scan_images, which only finds files that do not decode, reports nothing even when given it.
-    files = sorted(path for path in (HYMENOPTERA / "train").rglob("*") if path.is_file())
-    placeholder = HYMENOPTERA / "train" / "ants" / "imageNotFound.gif"
-    listed = [path for path in files if path.suffix.lower() in IMAGE_EXTENSIONS]
-    assert [path for path in files if path not in listed] == [placeholder]
-    assert scan_images(files, num_workers=4) == []
-    assert load_image(placeholder).size == (300, 300)
+@pytest.mark.parametrize("hooked", ["module", "datamodule"])
+def test_a_users_on_after_batch_transfer_runs_and_sees_normalized_images(image_folder: Path, hooked: str) -> None:
+    data_cls = HookedData if hooked == "datamodule" else ImageDataModule
+    dm = data_cls(root=str(image_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    module_cls = HookedModule if hooked == "module" else TransferModule
+    module = module_cls(TinyBackbone(image_size=24), num_classes=dm.num_classes)
+    owner = module if hooked == "module" else dm
+    owner.seen = []  # type: ignore[union-attr]
+    _trainer().fit(module, datamodule=dm)
+    assert owner.seen and all(dtype == torch.float32 for dtype, _ in owner.seen)  # type: ignore[union-attr]
+    assert min(low for _, low in owner.seen) < 0  # type: ignore[union-attr]  # normalized: (0 - 0.5) / 0.25 = -2

@@ -1,14 +1,13 @@
 """TransferModule: a pretrained backbone plus a new head, trained as a linear probe, fine-tuned, or
-progressively unfrozen, with named parameter groups and checkpoint-matched preprocessing.
-
-The module owns the model, the shared step, the metrics and the parameter groups. What freezing means
-under each strategy is a :class:`~transfer_lit.freezing.FreezingStrategy` chosen once in ``setup``;
-performance defaults live in :mod:`transfer_lit.speed`; the checkpoint check in :mod:`transfer_lit.checkpoints`.
-Inputs may be of any modality: a batch is ``(inputs, target)``, ``inputs`` a tensor or a mapping of tensors.
+progressively unfrozen. It owns the model, the shared step and the metrics; freezing under each strategy
+(:mod:`transfer_lit.freezing`), the optimizer recipe (:mod:`transfer_lit.param_groups`), speed defaults
+(:mod:`transfer_lit.speed`) and checkpoint state (:mod:`transfer_lit.checkpoints`) are objects it holds.
+A batch is ``(inputs, target)``, ``inputs`` a tensor or a mapping of tensors (any modality).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
@@ -23,21 +22,14 @@ from transfer_lit.backbones.base import as_backbone
 from transfer_lit.checkpoints.hparams import given_hparams
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
 from transfer_lit.finite_check import FiniteCheck
-from transfer_lit.freezing import (
-    BNPolicy,
-    FreezingHooks,
-    FreezingStrategy,
-    FrozenBlocks,
-    build_freezing,
-    install_lr_gate,
-)
+from transfer_lit.freezing import BNPolicy, FreezingHooks, FreezingStrategy, FrozenBlocks, build_freezing
 from transfer_lit.heads import HeadFactory, LinearHead
 from transfer_lit.losses import class_probabilities, classification_loss
 from transfer_lit.metrics import StageMetrics, Task, check_task
-from transfer_lit.param_groups import LearningRatePolicy, build_param_groups
+from transfer_lit.param_groups import LearningRatePolicy, OptimizerRecipe
 from transfer_lit.preprocessing import Preprocessing, resolve_preprocessing
 from transfer_lit.protocols import CachedFeatures
-from transfer_lit.speed import BackboneSpeed, build_optimizer
+from transfer_lit.speed import BackboneSpeed
 
 Mode = Literal["linear_probe", "finetune", "progressive"]
 
@@ -46,9 +38,8 @@ class TransferModule(LightningModule):
     """Backbone + new head for classification transfer learning.
 
     Args:
-        backbone: a :class:`~transfer_lit.Backbone` (e.g. ``TorchvisionBackbone``) or any ``nn.Module``
-            with a ``num_features`` attribute that returns ``(batch, num_features)`` for a batch's inputs
-            (a tensor or a mapping of tensors).
+        backbone: a :class:`~transfer_lit.Backbone` (e.g. ``TorchvisionBackbone``), or any ``nn.Module`` with a
+            ``num_features`` attribute that maps a batch's inputs to ``(batch, num_features)``.
         num_classes: classes (``multiclass``; ``binary`` needs 2) or labels (``multilabel``).
             The CLI fills it in from the data.
         task: ``multiclass``, ``binary`` or ``multilabel``.
@@ -72,14 +63,12 @@ class TransferModule(LightningModule):
         preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
             what the backbone's weights declare (after a reload: what the checkpoint was trained with), which
             wins over the backbone's defaults.
-        check_finite: stop with a clear error when the training loss is NaN or infinite (on CUDA two steps
-            later, see ``sync_free``).
+        check_finite: stop with a clear error at a NaN or infinite training loss (on CUDA two steps later).
         compile: ``torch.compile`` the backbone in place (opt-in; slow first steps, one recompile per thaw; see
             :class:`~transfer_lit.speed.BackboneSpeed`). On one H100 (bf16, batch 256): ResNet-50 5,591
             images/s compiled vs 3,964 eager, ViT-B/16 3,093 vs 2,089 (``benchmarks/RESULTS.md``).
 
-    On CUDA, convolutional backbones (most parameters in ``Conv2d``) run in ``channels_last`` memory
-    format, which is what cuDNN's fastest kernels want, the default AdamW is the fused one, and the training
+    On CUDA, convolutional backbones run in ``channels_last``, the default AdamW is the fused one and the training
     step is free of host syncs (``sync_free``); on CPU nothing changes (:mod:`transfer_lit.speed`).
 
     Research code overrides these hooks (each calls ``super()`` where it extends rather than replaces):
@@ -88,9 +77,8 @@ class TransferModule(LightningModule):
     ``configure_freezing`` (the strategy-specific freezing object).
     """
 
-    #: Keep the training step free of device-to-host reads (each makes the CPU wait for the GPU): the step loss
-    #: goes to the logger but not to the progress bar, and ``check_finite`` reads the loss two steps late.
-    #: ``None``: on CUDA only. (Training metrics never read the device; AUROC is for validation and test.)
+    #: No device-to-host reads in the training step (each makes the CPU wait for the GPU): the step loss goes to the
+    #: logger, not the progress bar, and ``check_finite`` reads it two steps late. ``None``: on CUDA only.
     sync_free: bool | None = None
 
     def __init__(
@@ -127,8 +115,7 @@ class TransferModule(LightningModule):
         self.task, self.mode, self.num_classes, self.bn_policy = task, mode, num_classes, bn_policy
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.policy = LearningRatePolicy(lr, backbone_lr_mult, layer_decay, weight_decay)
-        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
+        self.recipe = OptimizerRecipe(optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, self.policy)
         self.label_smoothing, self.check_finite = label_smoothing, check_finite
         self.class_weights: torch.Tensor | None
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
@@ -158,11 +145,7 @@ class TransferModule(LightningModule):
         return self.frozen.strategy
 
     def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
-        """Freeze exactly ``blocks`` (thaw every other backbone block): ``requires_grad``, BN mode, LR gate.
-
-        Args:
-            blocks: backbone block names, see ``self.backbone.block_names()``.
-        """
+        """Freeze exactly ``blocks`` (names from ``backbone.block_names()``), thaw the rest: grads, BN mode, LR gate."""
         self.frozen.freeze_exactly(blocks, self._optimizer())
         self.train(self.training)
 
@@ -181,22 +164,15 @@ class TransferModule(LightningModule):
     def train(self, mode: bool = True) -> TransferModule:
         """Lightning calls ``.train()`` every epoch; frozen BatchNorm must stay in eval mode through it."""
         super().train(mode)
-        if not mode:
-            return self
-        if self.mode == "linear_probe":
-            self.backbone.eval()
-        else:
-            self.frozen.set_batchnorm_modes()
+        if mode:
+            self.frozen.set_batchnorm_modes(whole_backbone=self.mode == "linear_probe")
         return self
 
     def features(self, inputs: Any) -> torch.Tensor:
         """Pooled backbone features ``(batch, num_features)``; no graph is built in linear-probe mode."""
         self.preprocessing.check_inputs(inputs)
-        inputs = self.speed.prepare_inputs(inputs)
-        if self.mode == "linear_probe":
-            with torch.no_grad():
-                return self.backbone(inputs)
-        return self.backbone(inputs)
+        with torch.no_grad() if self.mode == "linear_probe" else contextlib.nullcontext():
+            return self.backbone(self.speed.prepare_inputs(inputs))
 
     @override
     def forward(self, inputs: Any) -> torch.Tensor:
@@ -297,9 +273,7 @@ class TransferModule(LightningModule):
 
     @override
     def configure_callbacks(self) -> list[Callback]:
-        """The freezing strategy's steps (:class:`~transfer_lit.freezing.FreezingHooks`) and the NaN check
-        (:class:`~transfer_lit.finite_check.FiniteCheck`), which no override of a hook can skip; extend with
-        ``super()``."""
+        """The freezing strategy's steps and the NaN check, which no hook override can skip; extend with super()."""
         return [FreezingHooks()] + ([FiniteCheck(self._sync_free)] if self.check_finite else [])
 
     @override
@@ -313,16 +287,7 @@ class TransferModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        groups = build_param_groups(self.backbone, self.head, self.policy)
-        optimizer = build_optimizer(self.optimizer_factory, groups, self.device,
-                                    allow_fused=not self.freezing.shards_parameters)
-        install_lr_gate(optimizer, lambda: self.lr_scale)
-        self.frozen.write_gates(optimizer)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.scheduler_monitor}
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return self.recipe.build(self.backbone, self.head, self.device, self.frozen, lambda: self.lr_scale)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -6,13 +6,17 @@ so freezing a block never adds or removes a group and any scheduler composes wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from transfer_lit.backbones.base import Backbone
+from transfer_lit.freezing.frozen import FrozenBlocks
+from transfer_lit.freezing.gates import install_lr_gate
+from transfer_lit.speed import build_optimizer
 
 _NO_DECAY_NAMES = ("class_token", "cls_token", "pos_embed", "pos_embedding", "relative_position_bias_table")
 
@@ -85,3 +89,35 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
                 raise ValueError("a parameter is shared between the backbone and the head; this is not supported")
             seen.add(id(p))
     return groups
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """How a module's optimizer and scheduler are built from the user's factories.
+
+    Args:
+        optimizer: factory called with the named parameter groups.
+        scheduler: optional factory called with the optimizer.
+        interval: step the scheduler every ``epoch`` or every ``step``.
+        monitor: metric ReduceLROnPlateau-style schedulers watch.
+        policy: how learning rates spread over the groups.
+    """
+
+    optimizer: Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None
+    interval: str
+    monitor: str
+    policy: LearningRatePolicy
+
+    def build(self, backbone: Backbone, head: nn.Module, device: torch.device, frozen: FrozenBlocks,
+              lr_scale: Callable[[], float]) -> Any:
+        """What ``configure_optimizers`` returns: the optimizer over every group (gated, fused where it helps) and,
+        if any, the scheduler's Lightning config."""
+        groups = build_param_groups(backbone, head, self.policy)
+        optimizer = build_optimizer(self.optimizer, groups, device, allow_fused=not frozen.strategy.shards_parameters)
+        install_lr_gate(optimizer, lr_scale)
+        frozen.write_gates(optimizer)
+        if self.scheduler is None:
+            return optimizer
+        config = {"scheduler": self.scheduler(optimizer), "interval": self.interval, "monitor": self.monitor}
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -61,9 +61,13 @@ class FrozenBlocks:
         for block in self.backbone.block_names():
             set_gate(optimizer, f"backbone.{block}", 0.0 if block in self.blocks else self.gates.get(block, 1.0))
 
-    def set_batchnorm_modes(self) -> None:
-        """BatchNorm of frozen blocks back in eval mode after a ``.train()`` (``eval`` and ``frozen`` policies)."""
-        set_batchnorm_modes(self.backbone, self.blocks, self.bn_policy)
+    def set_batchnorm_modes(self, whole_backbone: bool = False) -> None:
+        """After a ``.train()``: BatchNorm of frozen blocks back in eval mode (``eval`` and ``frozen`` policies), or
+        the whole backbone (``whole_backbone``: a linear probe's backbone runs in eval mode throughout)."""
+        if whole_backbone:
+            self.backbone.eval()
+        else:
+            set_batchnorm_modes(self.backbone, self.blocks, self.bn_policy)
 
     def hold(self, optimizer: torch.optim.Optimizer) -> None:
         """Before each optimizer step: drop (or zero) the gradients of frozen blocks, per the strategy."""

@@ -1,4 +1,5 @@
-"""GPU defaults that need no flags (channels_last) and the torch.compile option, as far as CPU can check them."""
+"""transfer_lit.speed: GPU defaults that need no flags (trainer settings, TF32, channels_last) and the torch.compile
+option, as far as CPU can check them; process-wide settings are put back."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_lit import ModuleBackbone, ProgressiveUnfreezing, TorchvisionBackbone, TransferModule
-from transfer_lit.speed import is_convolutional, keep_freed_memory
+from transfer_lit.speed import BackboneSpeed, apply_gpu_defaults, is_convolutional, keep_freed_memory, prefer_tf32
 
 
 def _loader(n: int = 16) -> DataLoader:
@@ -163,3 +164,53 @@ def test_overhead_benchmark_prints_its_ratio() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("overhead_ratio=") and float(last.split("=")[1]) > 0
+
+
+def test_gpu_defaults_fill_only_what_the_user_left_unset() -> None:
+    unset: dict = {"precision": None, "benchmark": None}
+    apply_gpu_defaults(unset, cuda=True, bf16=True)
+    assert unset == {"precision": "bf16-mixed", "benchmark": True}
+    chosen = {"precision": "32-true", "benchmark": False}
+    apply_gpu_defaults(chosen, cuda=True, bf16=True)
+    assert chosen == {"precision": "32-true", "benchmark": False}
+    deterministic = {"precision": None, "benchmark": None, "deterministic": True}
+    apply_gpu_defaults(deterministic, cuda=True, bf16=False)  # a GPU without bf16 keeps full precision
+    assert deterministic == {"precision": None, "benchmark": None, "deterministic": True}
+    cpu: dict = {"precision": None, "benchmark": None}
+    apply_gpu_defaults(cpu, cuda=False, bf16=False)
+    assert cpu == {"precision": None, "benchmark": None}
+
+
+def test_tf32_is_switched_on_for_cuda_only_and_restored() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        restore = prefer_tf32(cuda=True)
+        assert torch.get_float32_matmul_precision() == "high"
+        restore()
+        assert torch.get_float32_matmul_precision() == "highest"
+        prefer_tf32(cuda=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        torch.set_float32_matmul_precision("medium")  # the user's own choice is kept
+        prefer_tf32(cuda=True)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_recompile_limit_is_raised_for_a_compiled_run_and_restored_after(tiny_backbone: TinyBackbone) -> None:
+    config = torch._dynamo.config
+    before = config.cache_size_limit
+    try:
+        config.cache_size_limit = 4
+        speed = BackboneSpeed(compile=True)
+        speed.apply(tiny_backbone, torch.device("cpu"), num_blocks=12)  # compiles lazily: nothing runs yet
+        assert speed.compiled and config.cache_size_limit == 2 * 12 + 8
+        speed.restore()
+        assert config.cache_size_limit == 4
+        speed.apply(tiny_backbone, torch.device("cpu"), num_blocks=12)  # a second fit raises it again
+        assert config.cache_size_limit == 32
+        speed.restore()
+        assert config.cache_size_limit == 4 and not BackboneSpeed().channels_last
+    finally:
+        config.cache_size_limit = before
