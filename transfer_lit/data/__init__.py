@@ -1,0 +1,16 @@
+"""Data modules and what they build on: image decoding, splits, the feature cache."""
+
+from transfer_lit.data.decode import BadImageError, ImageDataset, Sample, load_image, scan_images
+from transfer_lit.data.feature_cache import FeatureCache
+from transfer_lit.data.images import ImageDataModule, default_num_workers
+
+__all__ = [
+    "BadImageError",
+    "FeatureCache",
+    "ImageDataModule",
+    "ImageDataset",
+    "Sample",
+    "default_num_workers",
+    "load_image",
+    "scan_images",
+]
