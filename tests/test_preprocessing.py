@@ -169,8 +169,9 @@ def test_partial_override_wins_field_by_field() -> None:
         ({"mean": 0.5}, r"preprocessing\.mean must have 3 values.*0\.5"),
         ({"std": ["a", "b", "c"]}, r"preprocessing\.std must have 3 values.*'a'"),
         ({"std": [0.2, 0.0, 0.2]}, r"preprocessing\.std must be positive"),
-        ({"crop": 200}, r"unknown preprocessing key\(s\) \['crop'\]; valid keys are \['crop_size', 'interpolation', "
-                        r"'mean', 'resize_size', 'std'\]"),
+        ({"crop": 200}, r"unknown preprocessing key\(s\) \['crop'\]; valid keys are \['crop_mode', 'crop_size', "
+                        r"'interpolation', 'mean', 'resize_size', 'std'\]"),
+        ({"crop_mode": "border"}, r"preprocessing\.crop_mode must be one of \['center', 'squash'\], got 'border'"),
     ],
 )
 def test_invalid_override_names_key_and_value(override: dict, pattern: str) -> None:
@@ -181,7 +182,7 @@ def test_invalid_override_names_key_and_value(override: dict, pattern: str) -> N
 def test_to_dict_from_dict_round_trip() -> None:
     d = CKPT.to_dict()
     assert d == {"modality": "image", "resize_size": 232, "crop_size": 224, "interpolation": "bicubic",
-                 "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+                 "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_mode": "center"}
     assert Preprocessing.from_dict(d) == CKPT
     through_json = json.loads(json.dumps(d))  # lists, as YAML / JSON hand them back
     assert Preprocessing.from_dict(through_json) == CKPT

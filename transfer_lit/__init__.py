@@ -1,4 +1,7 @@
-"""transfer_lit: transfer learning with PyTorch Lightning that stays correct on many GPUs."""
+"""transfer_lit: transfer learning with PyTorch Lightning that stays correct on many GPUs.
+
+``TimmBackbone`` is imported on first use (``transfer_lit.TimmBackbone``): timm is an optional extra.
+"""
 
 from transfer_lit.backbones import Backbone, ModuleBackbone, TorchvisionBackbone, WeightsNotAvailableError
 from transfer_lit.callbacks import CSVPredictionWriter, FaultTolerance, ProgressiveUnfreezing
@@ -18,6 +21,15 @@ from transfer_lit.preprocessing import (
     resolve_preprocessing,
 )
 from transfer_lit.protocols import CachedFeatures
+
+
+def __getattr__(name: str) -> object:
+    if name == "TimmBackbone":  # the optional timm extra: imported only when asked for (so not in __all__)
+        from transfer_lit.backbones.timm import TimmBackbone
+
+        return TimmBackbone
+    raise AttributeError(f"module 'transfer_lit' has no attribute {name!r}")
+
 
 __all__ = [
     "AtomicCheckpointIO",

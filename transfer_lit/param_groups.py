@@ -6,7 +6,8 @@ so freezing a block never adds or removes a group and any scheduler composes wit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import fnmatch
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,14 +54,16 @@ class LearningRatePolicy:
         return {block: top * self.layer_decay ** (n - 1 - i) for i, block in enumerate(blocks)}
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1 or any(key in name for key in _NO_DECAY_NAMES)
+def _no_decay(name: str, param: nn.Parameter, declared: Collection[str]) -> bool:
+    return (param.ndim <= 1 or any(key in name for key in _NO_DECAY_NAMES)
+            or any(fnmatch.fnmatchcase(name, pattern) for pattern in declared))
 
 
-def _split(prefix: str, named: Iterable[tuple[str, nn.Parameter]], lr: float, wd: float) -> list[dict[str, Any]]:
+def _split(prefix: str, named: Iterable[tuple[str, nn.Parameter]], lr: float, wd: float,
+           declared: Collection[str] = ()) -> list[dict[str, Any]]:
     named = list(named)
-    decay = [p for n, p in named if not _no_decay(n, p)]
-    no_decay = [p for n, p in named if _no_decay(n, p)]
+    decay = [p for n, p in named if not _no_decay(n, p, declared)]
+    no_decay = [p for n, p in named if _no_decay(n, p, declared)]
     groups = []
     if decay:
         groups.append({"name": prefix, "params": decay, "lr": lr, "weight_decay": wd, "block": prefix, "gate": 1.0})
@@ -79,8 +82,9 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
     blocks = backbone.block_params()
     lrs = policy.block_lrs(list(blocks))
     groups: list[dict[str, Any]] = []
+    declared = backbone.no_weight_decay_names()
     for block, named in blocks.items():
-        groups += _split(f"backbone.{block}", named, lrs[block], policy.weight_decay)
+        groups += _split(f"backbone.{block}", named, lrs[block], policy.weight_decay, declared)
     groups += _split("head", head.named_parameters(), policy.lr, policy.weight_decay)
     seen: set[int] = set()
     for group in groups:

@@ -1,4 +1,4 @@
-"""Backbones: a headless network plus its blocks and preprocessing metadata."""
+"""Backbones: a headless network plus its blocks and preprocessing metadata (``TimmBackbone``: on first use)."""
 
 from transfer_lit.backbones.base import Backbone, BlockSpec, ModuleBackbone, as_backbone
 from transfer_lit.backbones.torchvision import (
@@ -7,6 +7,15 @@ from transfer_lit.backbones.torchvision import (
     classification_models,
     resolve_weights,
 )
+
+
+def __getattr__(name: str) -> object:
+    if name == "TimmBackbone":  # the optional timm extra: imported only when asked for (so not in __all__)
+        from transfer_lit.backbones.timm import TimmBackbone
+
+        return TimmBackbone
+    raise AttributeError(f"module 'transfer_lit.backbones' has no attribute {name!r}")
+
 
 __all__ = [
     "Backbone",

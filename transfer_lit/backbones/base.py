@@ -22,8 +22,8 @@ To plug in your own network, subclass :class:`Backbone`::
 and select it in YAML with ``class_path: my_package.MyNet``. Blocks default to the top-level
 children that hold parameters (here ``stem`` then ``body``); override :meth:`block_specs` for
 finer control. The method names (``block_specs``, ``block_params``, ``block_names``,
-``block_modules``, ``default_preprocessing``) leave every ordinary child name free (timm's ViT has a
-child called ``blocks``).
+``block_modules``, ``default_preprocessing``, ``no_weight_decay_names``) leave every ordinary child name
+free (timm's ViT has a child called ``blocks``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ class Backbone(nn.Module):
     def default_preprocessing(self) -> Preprocessing:
         """What inputs get when neither the weights nor the user say (default: ImageNet image statistics)."""
         return DEFAULT_PREPROCESSING
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names (relative to the backbone; ``fnmatch`` patterns allowed) that get no weight decay,
+        besides every norm, bias and 1-D parameter (default: none; timm models declare theirs)."""
+        return set()
 
     def block_params(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters of each block, input side first; every parameter is in exactly one block.

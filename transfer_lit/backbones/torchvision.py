@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -17,28 +16,15 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from transfer_lit.backbones.base import Backbone, BlockSpec
+from transfer_lit.backbones.weights import WeightsNotAvailableError, is_path, local_file, online, suggest
 from transfer_lit.preprocessing import ImagePreprocessing, preprocessing_from_torchvision
 
 _HASH_IN_FILENAME = re.compile(r"-([a-f0-9]+)\.")
-_OFFLINE_ENV = ("TRANSFER_LIT_OFFLINE", "HF_HUB_OFFLINE")
-
-
-class WeightsNotAvailableError(FileNotFoundError):
-    """A pretrained weight file is neither in the local cache nor downloadable."""
 
 
 def classification_models() -> list[str]:
     """Names of every classification architecture torchvision provides."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _suggest(value: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(value, valid, n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-
-
-def _is_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pth", ".pt", ".th", ".ckpt", ".bin")) or os.path.exists(weights)
 
 
 def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None:
@@ -52,23 +38,20 @@ def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None
     models = classification_models()
     if name not in models:
         raise ValueError(
-            f"model.backbone.name={name!r} is not a torchvision classification model.{_suggest(name, models)} "
+            f"model.backbone.name={name!r} is not a torchvision classification model.{suggest(name, models)} "
             f"Valid names are torchvision.models.list_models(module=torchvision.models), e.g. {models[:6]}"
         )
     if weights is None or weights.lower() in ("none", "null", "random"):
         return None
-    if _is_path(weights):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model.backbone.weights={weights!r}: no such file")
-        return path
+    if is_path(weights):
+        return local_file(weights)
     enum = torchvision.models.get_model_weights(name)
     if weights == "DEFAULT":
         return enum.DEFAULT  # type: ignore[attr-defined]
     valid = [w.name for w in enum]
     if weights not in valid:
         raise ValueError(
-            f"model.backbone.weights={weights!r} is not a weight set of {name}.{_suggest(weights, valid)} "
+            f"model.backbone.weights={weights!r} is not a weight set of {name}.{suggest(weights, valid)} "
             f"Valid values: {[*valid, 'DEFAULT', 'null (random init)', 'a path to a .pth file']}"
         )
     return enum[weights]
@@ -95,22 +78,11 @@ def verify_hash(path: Path) -> None:
         )
 
 
-def _online(url: str, timeout: float = 3.0) -> bool:
-    if any(os.environ.get(var, "") not in ("", "0") for var in _OFFLINE_ENV):
-        return False
-    host = urlparse(url).hostname or ""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def ensure_weight_file(weights: WeightsEnum) -> Path:
     """Make sure the file of ``weights`` is in the local cache and intact; never hangs offline."""
     path = weight_file(weights)
     if not path.is_file():
-        if not _online(weights.url):
+        if not online(weights.url):
             raise WeightsNotAvailableError(
                 f"model.backbone.weights={weights}: the file {path.name} is not in the torch hub cache and the "
                 f"network is unreachable. Download {weights.url} on a machine with internet and copy it to "

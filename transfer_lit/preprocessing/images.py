@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torchvision.transforms import v2
@@ -21,6 +21,7 @@ from transfer_lit.preprocessing.base import Preprocessing, register_preprocessin
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 Augment = Literal["none", "trivialaugment", "randaugment"]
+CropMode = Literal["center", "squash"]
 _INTERPOLATIONS: dict[Interpolation, InterpolationMode] = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -39,6 +40,8 @@ class ImagePreprocessing(Preprocessing):
         interpolation: resampling used for every resize.
         mean: per-channel mean subtracted after scaling pixels to [0, 1].
         std: per-channel standard deviation divided by after subtracting ``mean``.
+        crop_mode: ``center`` (keep the aspect ratio: shorter side to ``resize_size``, then the centre crop) or
+            ``squash`` (both sides to ``resize_size``, then the centre crop), as timm's ``crop_mode``.
     """
 
     modality: ClassVar[str] = "image"
@@ -48,6 +51,7 @@ class ImagePreprocessing(Preprocessing):
     interpolation: Interpolation
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_mode: CropMode = "center"
 
     def __post_init__(self) -> None:
         for key in ("resize_size", "crop_size"):
@@ -69,6 +73,9 @@ class ImagePreprocessing(Preprocessing):
             object.__setattr__(self, key, numbers)
         if any(s <= 0 for s in self.std):
             raise ValueError(f"preprocessing.std must be positive, got {self.std!r}")
+        if self.crop_mode not in get_args(CropMode):
+            raise ValueError(f"preprocessing.crop_mode must be one of {list(get_args(CropMode))}, got "
+                             f"{self.crop_mode!r}")
 
     def check_inputs(self, inputs: Any) -> None:
         """uint8 images reach the model only when the data module's normalizing hook was bypassed."""
@@ -142,14 +149,16 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
 
 
 def build_eval_transform(p: ImagePreprocessing, normalize: bool = True) -> v2.Compose:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalize: torchvision's eval recipe.
+    """Resize the shorter side (``squash``: both sides), centre-crop, scale to [0, 1], normalize: torchvision's and
+    timm's eval recipe.
 
     With ``normalize=False`` it stops at a uint8 tensor (``normalize_images`` does the rest later).
     """
     interpolation = _INTERPOLATIONS[p.interpolation]
+    size: int | tuple[int, int] = p.resize_size if p.crop_mode == "center" else (p.resize_size, p.resize_size)
     return v2.Compose(
         [
-            v2.Resize(p.resize_size, interpolation=interpolation, antialias=True),
+            v2.Resize(size, interpolation=interpolation, antialias=True),
             v2.CenterCrop(p.crop_size),
             *_to_tensor(p, normalize),
         ]
