@@ -70,3 +70,11 @@ def test_the_logged_preprocessing_is_the_restored_one(checkpoint: Path, image_fo
     assert model.preprocessing.crop_size == 28
     logged = [r.getMessage() for r in caplog.records if "transfer_lit preprocessing" in r.getMessage()]
     assert len(logged) == 1 and "'crop_size': 28" in logged[0], logged
+
+
+def test_load_from_checkpoint_takes_the_checkpoints_own_class_names(checkpoint: Path) -> None:
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["class_names"] = None  # only transfer_lit's copy holds the names now
+    path = checkpoint.with_name("names_in_state_only.ckpt")
+    torch.save(saved, path)
+    assert TransferModule.load_from_checkpoint(path, backbone=TinyBackbone()).class_names == NAMES

@@ -127,3 +127,44 @@ def test_gate_only_freezing_trains_the_same_weights_as_requires_grad_freezing(tm
 def _fit_init() -> dict[str, torch.Tensor]:
     seed_everything(0)
     return TransferModule(TinyBackbone(), num_classes=3, mode="progressive").state_dict()
+
+
+def test_a_block_that_changes_state_and_a_new_optimizer_start_without_an_old_warm_up() -> None:
+    model = TransferModule(TinyBackbone(), num_classes=3, mode="progressive")
+    optimizer = model.configure_optimizers()
+    model.set_frozen_blocks(["stem", "block1"])  # block2 thawed
+    model.frozen.set_gates({"block2": 0.5}, optimizer)
+    gates = {g["name"]: g["gate"] for g in optimizer.param_groups}
+    assert gates["backbone.block2"] == 0.5 and gates["backbone.block1"] == 0.0
+    model.frozen.freeze_exactly(["stem", "block1", "block2"], optimizer)
+    model.frozen.freeze_exactly(["stem", "block1"], optimizer)  # thawed again: a new warm-up, not the old 0.5
+    assert {g["name"]: g["gate"] for g in optimizer.param_groups}["backbone.block2"] == 1.0
+    model.frozen.set_gates({"block2": 0.25}, optimizer)
+    fresh = model.configure_optimizers()  # a new fit's optimizer: no gate carried over
+    assert {g["name"]: g["gate"] for g in fresh.param_groups}["backbone.block2"] == 1.0
+
+
+def test_blocks_frozen_after_ddp_took_its_list_are_refused() -> None:
+    model = TransferModule(TinyBackbone(), num_classes=3, mode="progressive")
+    model.set_frozen_blocks(["stem"])
+    ddp = DDPFreezing()
+    ddp.before_wrap(model)
+    assert model._ddp_params_and_buffers_to_ignore == [n for n, _ in model.named_parameters()
+                                                       if n.startswith("backbone.stem.")]
+    ddp.on_fit_start(model)  # nothing frozen since: fine (no process group here: no broadcast)
+    model.set_frozen_blocks(["stem", "block1"])
+    with pytest.raises(ValueError, match=r"backbone\.block1\.0\.weight.*frozen after DDP wrapped the model"):
+        ddp.on_fit_start(model)
+
+
+class _DropsCallbacks(TransferModule):
+    def configure_callbacks(self) -> list:
+        return []
+
+
+def test_a_subclass_that_drops_the_freezing_hooks_is_stopped(tmp_path: Path) -> None:
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)))
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"_DropsCallbacks\.configure_callbacks dropped FreezingHooks"):
+        trainer.fit(_DropsCallbacks(TinyBackbone(), num_classes=3), DataLoader(data, batch_size=4))

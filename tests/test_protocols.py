@@ -56,12 +56,16 @@ def _fit(module: LightningModule, callback: object, root: Path) -> None:
     [
         (ProgressiveUnfreezing(every_n_epochs=1), "Unfreezable"),
         (LRFinder(num_steps=3), "LRScalable"),
-        (FreezingHooks(), "Freezable"),
     ],
 )
 def test_callbacks_refuse_a_module_without_their_protocol(callback: object, needs: str, tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=rf"needs a transfer_lit\.TransferModule \(the {needs} protocol.*got _Plain"):
         _fit(_Plain(), callback, tmp_path)
+
+
+def test_freezing_hooks_refuse_a_module_without_their_protocol() -> None:
+    with pytest.raises(TypeError, match=r"needs a transfer_lit\.TransferModule \(the Freezable protocol\), got _Plain"):
+        FreezingHooks(_Plain())  # type: ignore[arg-type]
 
 
 def test_the_feature_cache_and_the_data_module_refuse_a_module_without_their_protocol(image_folder: Path) -> None:

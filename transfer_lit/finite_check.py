@@ -160,14 +160,16 @@ class FiniteCheck(Callback):
     ``model.check_finite``): immediate where a read is free (CPU), two steps late when the step is sync-free.
 
     Every pending loss is read before a validation, at an epoch's end and before a checkpoint is written, so
-    none of them goes ahead with weights a NaN step broke.
+    none of them goes ahead with weights a NaN step broke. The loss it sees is Lightning's (divided by
+    ``accumulate_grad_batches``, scaled under fp16), which is non-finite exactly when the step's loss is.
 
     Args:
+        owner: the module it checks (a reused Trainer may run other modules later: it leaves those alone).
         deferred: called at the start of each fit: whether to defer (the module's sync-free setting).
     """
 
-    def __init__(self, deferred: Callable[[], bool] = lambda: False) -> None:
-        self.deferred = deferred
+    def __init__(self, owner: nn.Module, deferred: Callable[[], bool] = lambda: False) -> None:
+        self.owner, self.deferred = owner, deferred
         self.watch = LossWatch(deferred=False)
         self._inputs: object = None
 
@@ -182,12 +184,14 @@ class FiniteCheck(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        found = self.watch.watch(loss, self._inputs, trainer.global_step, trainer.current_epoch)
-        self._raise(found, trainer, pl_module, self._inputs)
+        inputs, self._inputs = self._inputs, None  # not kept alive (on the device) until the next batch
+        if pl_module is self.owner:
+            self._raise(self.watch.watch(loss, inputs, trainer.global_step, trainer.current_epoch), trainer,
+                        pl_module, inputs)
 
     def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Read every pending loss (fits only)."""
-        if trainer.state.fn == "fit":
+        if trainer.state.fn == "fit" and pl_module is self.owner:
             self._raise(self.watch.flush(trainer.global_step), trainer, pl_module)
 
     @override

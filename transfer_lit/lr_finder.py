@@ -3,7 +3,7 @@
 Lightning's learning-rate finder writes a single learning rate into every optimizer group, which
 erases differential (head vs backbone) and layer-wise learning rates. This one sweeps the module's
 ``lr_scale``, a scalar that the LR gate multiplies into every group's learning rate during
-``optimizer.step()`` only (:func:`transfer_lit.param_groups.install_lr_gate`). Schedulers never see it,
+``optimizer.step()`` only (:func:`transfer_lit.freezing.gates.install_lr_gate`). Schedulers never see it,
 so their ``base_lrs`` and state stay untouched, and the ratios between groups hold by construction.
 The chosen ``lr_scale`` is saved in the module's checkpoints.
 """
@@ -114,7 +114,7 @@ class LRFinder(Callback):
             if self.suggestion is None:
                 rank_zero_warn(f"LRFinder: resuming a run that did not use it; keeping lr_scale={module.lr_scale}")
             return
-        if module.freezing.shards_parameters:
+        if module.freezing.unwrapped_refusal() is not None:
             strategy = type(trainer.strategy).__name__
             raise ValueError(f"LRFinder does not support {strategy} (sharded weights cannot be snapshotted here); "
                              "run it on one device or with strategy ddp, then multiply model.lr by its suggestion")

@@ -14,7 +14,6 @@ from typing import Any, Literal, get_args
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -40,8 +39,7 @@ class TransferModule(LightningModule):
     Args:
         backbone: a :class:`~transfer_lit.Backbone` (e.g. ``TorchvisionBackbone``), or any ``nn.Module`` with a
             ``num_features`` attribute that maps a batch's inputs to ``(batch, num_features)``.
-        num_classes: classes (``multiclass``; ``binary`` needs 2) or labels (``multilabel``).
-            The CLI fills it in from the data.
+        num_classes: classes (``multiclass``; ``binary`` needs 2) or labels (``multilabel``); the CLI reads the data.
         task: ``multiclass``, ``binary`` or ``multilabel``.
         mode: ``linear_probe`` (backbone frozen, run in eval mode under no_grad), ``finetune`` (all
             trainable) or ``progressive`` (starts frozen; a ``ProgressiveUnfreezing`` callback thaws blocks).
@@ -60,21 +58,18 @@ class TransferModule(LightningModule):
         bn_policy: BatchNorm of frozen blocks: ``train`` (batch statistics, running stats updated),
             ``eval`` (pretrained statistics, kept in eval mode; default) or ``frozen`` (every backbone
             BatchNorm in eval mode with its affine parameters never trained, even once thawed).
-        preprocessing: explicit preprocessing overrides (``crop_size``, ``mean``, ...); they win over
-            what the backbone's weights declare (after a reload: what the checkpoint was trained with), which
-            wins over the backbone's defaults.
+        preprocessing: overrides (``crop_size``, ``mean``, ...) of what the backbone's weights declare (after a
+            reload: what the checkpoint was trained with), which wins over the backbone's defaults.
         check_finite: stop with a clear error at a NaN or infinite training loss (on CUDA two steps later).
-        compile: ``torch.compile`` the backbone in place (opt-in; slow first steps, one recompile per thaw; see
-            :class:`~transfer_lit.speed.BackboneSpeed`). On one H100 (bf16, batch 256): ResNet-50 5,591
-            images/s compiled vs 3,964 eager, ViT-B/16 3,093 vs 2,089 (``benchmarks/RESULTS.md``).
+        compile: ``torch.compile`` the backbone (slow first steps, one recompile per thaw): on one H100, ResNet-50
+            5,591 images/s compiled vs 3,964 eager, ViT-B/16 3,093 vs 2,089 (``benchmarks/RESULTS.md``).
 
     On CUDA, convolutional backbones run in ``channels_last``, the default AdamW is the fused one and the training
     step is free of host syncs (``sync_free``); on CPU nothing changes (:mod:`transfer_lit.speed`).
 
-    Research code overrides these hooks (each calls ``super()`` where it extends rather than replaces):
-    ``batch_logits`` (a batch to logits; owns the cached-features path), ``forward`` / ``features``,
-    ``loss``, ``probabilities``, ``shared_step``, ``configure_optimizers``, ``set_frozen_blocks`` and
-    ``configure_freezing`` (the strategy-specific freezing object).
+    Research code overrides these hooks: ``batch_logits`` (a batch to logits; owns the cached-features path),
+    ``forward`` / ``features``, ``loss``, ``probabilities``, ``shared_step``, ``configure_optimizers``,
+    ``set_frozen_blocks`` and ``configure_freezing`` (the strategy-specific freezing object).
     """
 
     #: No device-to-host reads in the training step (each makes the CPU wait for the GPU): the step loss goes to the
@@ -125,12 +120,11 @@ class TransferModule(LightningModule):
         self.frozen = FrozenBlocks(self.backbone, bn_policy)
         self.lr_scale = 1.0
         self.metrics = StageMetrics(task, num_classes)
-        self.last_test_report, self._preprocessing_logged = "", False
+        self.last_test_report = ""
         self.set_frozen_blocks(self.backbone.block_names() if mode != "finetune" else [])
 
     def resolve_preprocessing(self, trained_with: Preprocessing | None = None) -> Preprocessing:
-        """The one precedence rule: ``model.preprocessing`` > what the checkpoint was trained with (``trained_with``)
-        or else what the backbone's weights declare > the backbone's default."""
+        """``model.preprocessing`` > what the checkpoint was trained with, else what the weights declare > default."""
         declared = trained_with if trained_with is not None else self.backbone.preprocessing
         return resolve_preprocessing(self._preprocessing_override, declared, self.backbone.default_preprocessing())
 
@@ -192,8 +186,8 @@ class TransferModule(LightningModule):
         """``None`` when batches may be served from cached backbone features, else why not."""
         if self.mode != "linear_probe":
             return f"model.mode={self.mode!r} trains the backbone (only 'linear_probe' keeps it frozen)"
-        if self.freezing.shards_parameters:
-            return "the strategy shards the backbone (FSDP / DeepSpeed), so it cannot run outside the wrapped model"
+        if (unwrapped := self.freezing.unwrapped_refusal()) is not None:
+            return unwrapped
         bypassed = [name for name in ("forward", "batch_logits")
                     if getattr(type(self), name) is not getattr(TransferModule, name)]
         if bypassed:
@@ -230,15 +224,6 @@ class TransferModule(LightningModule):
         self.log_dict(self.metrics.epoch_values(stage), prog_bar=stage == "val")
 
     @override
-    def on_train_start(self) -> None:
-        """Logs the preprocessing once per run, after any checkpoint was restored (so it is the one in use)."""
-        if not self._preprocessing_logged:
-            self._preprocessing_logged = True
-            rank_zero_info(f"transfer_lit preprocessing: {self.preprocessing.to_dict()}")
-
-    on_validation_start = on_test_start = on_predict_start = on_train_start
-
-    @override
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
 
@@ -273,12 +258,29 @@ class TransferModule(LightningModule):
 
     @override
     def configure_callbacks(self) -> list[Callback]:
-        """The freezing strategy's steps and the NaN check, which no hook override can skip; extend with super()."""
-        return [FreezingHooks()] + ([FiniteCheck(self._sync_free)] if self.check_finite else [])
+        """The freezing strategy's steps and the NaN check (no override of a training hook can skip them), each
+        bound to this module; extend with ``super()``: ``on_fit_start`` checks they are attached."""
+        if self._attached():  # a reused Trainer already holds this module's own
+            return []
+        return [FreezingHooks(self)] + ([FiniteCheck(self, self._sync_free)] if self.check_finite else [])
+
+    def _attached(self) -> list[Callback]:
+        callbacks: list[Callback] = getattr(self._trainer, "callbacks", [])
+        return [c for c in callbacks if getattr(c, "owner", None) is self]
+
+    @override
+    def on_fit_start(self) -> None:
+        if not any(isinstance(c, FreezingHooks) for c in self._attached()):
+            raise RuntimeError(f"{type(self).__name__}.configure_callbacks dropped FreezingHooks: extend super()'s")
+
+    def install_freezing(self, strategy: FreezingStrategy) -> None:
+        """Freeze through ``strategy`` from now on (``FreezingHooks`` installs ``configure_freezing()`` in setup)."""
+        strategy.check_mode(self.mode)
+        self.frozen.strategy = strategy
+        self.set_frozen_blocks(self.frozen_blocks)  # as the strategy means it (gate-only: every parameter trainable)
 
     @override
     def setup(self, stage: str) -> None:
-        self._preprocessing_logged = False
         self.speed.apply(self.backbone, self.trainer.strategy.root_device, len(self.backbone.block_names()))
 
     @override

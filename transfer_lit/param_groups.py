@@ -118,9 +118,9 @@ class OptimizerRecipe:
         """What ``configure_optimizers`` returns: the optimizer over every group (gated, fused where it helps) and,
         if any, the scheduler's Lightning config."""
         groups = build_param_groups(backbone, head, self.policy)
-        optimizer = build_optimizer(self.optimizer, groups, device, allow_fused=not frozen.strategy.shards_parameters)
+        optimizer = build_optimizer(self.optimizer, groups, device, allow_fused=frozen.strategy.allows_fused_optimizer)
         install_lr_gate(optimizer, lr_scale)
-        frozen.write_gates(optimizer)
+        frozen.attach(optimizer)
         if self.scheduler is None:
             return optimizer
         config = {"scheduler": self.scheduler(optimizer), "interval": self.interval, "monitor": self.monitor}

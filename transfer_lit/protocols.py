@@ -49,29 +49,30 @@ class Unfreezable(Protocol):
     mode: str
     bn_policy: str
     backbone: Backbone
-    frozen_blocks: set[str]
+
+    @property
+    def frozen_blocks(self) -> set[str]:
+        """Names of the blocks frozen now."""
 
     def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
         """Freeze exactly ``blocks``; thaw every other backbone block."""
 
     def set_block_gates(self, gates: Mapping[str, float]) -> None:
-        """The learning-rate gate in ``[0, 1]`` of thawed blocks (warm-up); the only writer of gates."""
+        """The learning-rate gate in ``[0, 1]`` of thawed blocks (warm-up), written through ``FrozenBlocks``."""
 
 
 @runtime_checkable
 class Freezable(Protocol):
-    """What :class:`~transfer_lit.freezing.FreezingHooks` needs: the frozen blocks, the mode, and the choice of
-    the freezing strategy (``configure_freezing``, the place to inject one)."""
+    """What :class:`~transfer_lit.freezing.FreezingHooks` needs: the choice of the freezing strategy
+    (``configure_freezing``, the place to inject one), a way to install it, and the frozen blocks it acts on."""
 
-    mode: str
     frozen: FrozenBlocks
-    frozen_blocks: set[str]
 
     def configure_freezing(self) -> FreezingStrategy:
         """The freezing strategy for the trainer's strategy."""
 
-    def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
-        """Freeze exactly ``blocks``; thaw every other backbone block."""
+    def install_freezing(self, strategy: FreezingStrategy) -> None:
+        """Freeze through ``strategy`` from now on (refusing a mode it cannot run)."""
 
 
 @runtime_checkable
@@ -93,11 +94,37 @@ class FeatureCacheable(Protocol):
 
 
 @runtime_checkable
+class CheckpointState(Protocol):
+    """What :mod:`transfer_lit.checkpoints.state` saves and restores besides the weights."""
+
+    preprocessing: Preprocessing
+    class_names: list[str]
+    lr_scale: float
+
+    @property
+    def frozen_blocks(self) -> set[str]:
+        """Names of the blocks frozen now."""
+
+    @property
+    def freezing(self) -> FreezingStrategy:
+        """The run's freezing strategy."""
+
+    def resolve_preprocessing(self, trained_with: Preprocessing | None = None) -> Preprocessing:
+        """The precedence rule, with what a checkpoint was trained with as the declared level."""
+
+    def set_frozen_blocks(self, blocks: Iterable[str]) -> None:
+        """Freeze exactly ``blocks``."""
+
+
+@runtime_checkable
 class LRScalable(Protocol):
     """What :class:`~transfer_lit.LRFinder` needs: a global LR multiplier, logits, loss, the freezing strategy."""
 
     lr_scale: float
-    freezing: FreezingStrategy
+
+    @property
+    def freezing(self) -> FreezingStrategy:
+        """The run's freezing strategy."""
 
     def batch_logits(self, batch: Any) -> torch.Tensor:
         """Logits of a batch."""

@@ -1,7 +1,7 @@
 """ProgressiveUnfreezing: thaw backbone blocks at scheduled epochs, each with an optional LR warm-up.
 
 The callback never touches the optimizer's parameter groups: every group exists from step 0 and a
-frozen block's groups are held still by a zero LR *gate* (:mod:`transfer_lit.param_groups`).
+frozen block's groups are held still by a zero LR *gate* (:mod:`transfer_lit.freezing.gates`).
 Thawing is ``TransferModule.set_frozen_blocks`` (``requires_grad``, BatchNorm mode, gate 0 -> 1),
 and the warm-up only moves the gate. So any LR scheduler composes with the schedule, and the
 phase is a pure function of ``(schedule, epoch, global step)``: a resumed run replays it exactly.

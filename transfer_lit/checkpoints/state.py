@@ -12,9 +12,10 @@ from typing import Any
 
 from transfer_lit.checkpoints.compat import check_checkpoint_fits
 from transfer_lit.preprocessing import Preprocessing
+from transfer_lit.protocols import CheckpointState
 
 
-def save_transfer_state(module: Any, checkpoint: dict[str, Any]) -> None:
+def save_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) -> None:
     """Add ``module``'s preprocessing, class names, frozen blocks and ``lr_scale`` to ``checkpoint``."""
     checkpoint["transfer_lit"] = {
         "preprocessing": module.preprocessing.to_dict(),
@@ -24,11 +25,11 @@ def save_transfer_state(module: Any, checkpoint: dict[str, Any]) -> None:
     }
 
 
-def restore_transfer_state(module: Any, checkpoint: dict[str, Any]) -> None:
+def restore_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) -> None:
     """Check that ``checkpoint`` fits ``module`` (unless the strategy shards the tensors), then restore what
     :func:`save_transfer_state` saved; an explicit ``model.preprocessing`` still wins over the saved one."""
-    if not module.freezing.shards_parameters:  # sharded strategies hold flattened shards: shapes cannot be compared
-        check_checkpoint_fits(checkpoint, module)
+    if module.freezing.compares_checkpoint_shapes:
+        check_checkpoint_fits(checkpoint, module)  # type: ignore[arg-type]
     state = checkpoint.get("transfer_lit")
     if state is None:
         return

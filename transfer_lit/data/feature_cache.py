@@ -74,7 +74,7 @@ def resolve_cache_features(setting: CacheFeatures, module: Any, split: str, augm
         if setting is True:
             raise ValueError(f"data.cache_features=true cannot be honoured: {refusal}; use cache_features 'auto' "
                              f"(cache only where it is exact) or false")
-        if getattr(module, "mode", None) == "linear_probe" and split == "val":  # a probe that expected the cache
+        if isinstance(module, FeatureCacheable) and module.mode == "linear_probe" and split == "val":  # expected it
             rank_zero_warn(f"transfer_lit feature cache: off ({refusal}); validation reads images every epoch")
         return False
     if setting is True and augment != "none":

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_lit.data.decode import (
@@ -136,6 +136,7 @@ class ImageDataModule(LightningDataModule):
         self.splits: dict[str, list[Sample]] = {}
         self.class_names: list[str] = []
         self._read: list[tuple[str, ImageDataset]] = []  # datasets of the current stage, for the skipped-images report
+        self._logged_preprocessing = False
         if root is not None or train_csv is not None:
             self.class_names, self.splits = index_splits(root, train_csv, val_csv, test_csv, val_fraction,
                                                          samples_per_class, seed)
@@ -146,9 +147,14 @@ class ImageDataModule(LightningDataModule):
         return len(self.class_names)
 
     def resolved_preprocessing(self) -> ImagePreprocessing:
-        """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's)."""
-        if self.preprocessing is not None:
-            return self.preprocessing
+        """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's, once restored)."""
+        p = self._module_preprocessing() if self.preprocessing is None else self.preprocessing
+        if not self._logged_preprocessing:  # logged where it is used, once per stage: after any checkpoint restore
+            self._logged_preprocessing = True
+            rank_zero_info(f"transfer_lit preprocessing: {p.to_dict()}")
+        return p
+
+    def _module_preprocessing(self) -> ImagePreprocessing:
         module = self.trainer.lightning_module if self.trainer is not None else None
         if not isinstance(module, HasPreprocessing):
             raise RuntimeError("ImageDataModule needs `preprocessing` when it is not used with a TransferModule")
@@ -158,7 +164,7 @@ class ImageDataModule(LightningDataModule):
         return module.preprocessing
 
     def setup(self, stage: str) -> None:
-        self._read = []
+        self._read, self._logged_preprocessing = [], False
         if self.scan:
             self.scan_bad_images()
 

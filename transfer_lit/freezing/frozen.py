@@ -42,6 +42,8 @@ class FrozenBlocks:
         if unknown:
             raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {names}")
         thawed_now = self.blocks - blocks
+        for block in thawed_now | (blocks - self.blocks):  # a block that changes state starts a new warm-up
+            self.gates.pop(block, None)
         self.blocks = blocks
         self.strategy.apply(self.backbone, blocks, self.bn_policy)
         if optimizer is not None and thawed_now:
@@ -52,6 +54,11 @@ class FrozenBlocks:
     def set_gates(self, gates: Mapping[str, float], optimizer: torch.optim.Optimizer | None) -> None:
         """Warm-up gates of thawed blocks (frozen blocks stay at 0 whatever is given)."""
         self.gates.update(gates)
+        self.write_gates(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """A new optimizer: no warm-up carried over from an earlier one; every block's gate written into it."""
+        self.gates.clear()
         self.write_gates(optimizer)
 
     def write_gates(self, optimizer: torch.optim.Optimizer | None) -> None:

@@ -8,8 +8,9 @@ The gate and a global ``lr_scale`` are applied around each ``optimizer.step()`` 
 
     effective lr = group["lr"] (base lr x schedule) x gate x lr_scale
 
-Only ``TransferModule`` writes gates (``set_frozen_blocks`` / ``set_block_gates``); a gate of 0 makes
-the group's parameters frozen, whose gradients the freezing strategy's ``hold`` step drops.
+Only :class:`~transfer_lit.freezing.FrozenBlocks` writes gates (``TransferModule.set_frozen_blocks`` /
+``set_block_gates`` go through it); a gate of 0 makes the group's parameters frozen, whose gradients the
+freezing strategy's ``hold`` step drops.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
-"""FreezingHooks: the training hooks of the run's freezing strategy, attached by the module itself.
+"""FreezingHooks: the training hooks of a module's freezing strategy, attached by the module itself.
 
-``TransferModule.configure_callbacks`` returns it, so a research subclass that overrides
-``on_after_backward`` or ``on_before_optimizer_step`` without calling ``super()`` cannot switch off the
-DDP sync of thawed blocks or the hold on frozen gradients.
+``TransferModule.configure_callbacks`` returns one bound to the module, so a research subclass that
+overrides ``on_after_backward`` or ``on_before_optimizer_step`` without calling ``super()`` cannot switch
+off the DDP sync of thawed blocks or the hold on frozen gradients. Bound to its owner, it does nothing
+for another module that a reused Trainer runs later.
 """
 
 from __future__ import annotations
-
-from typing import cast
 
 import lightning.pytorch as pl
 import torch
@@ -18,32 +17,36 @@ from transfer_lit.protocols import Freezable
 
 
 class FreezingHooks(Callback):
-    """Chooses the module's freezing strategy in ``setup`` and runs its steps at the right moments.
+    """Installs ``owner.configure_freezing()`` in ``setup`` and runs that strategy's steps at the right moments.
 
-    Works with any module that follows :class:`~transfer_lit.protocols.Freezable`, as ``TransferModule`` does.
+    Args:
+        owner: the module (:class:`~transfer_lit.protocols.Freezable`, as ``TransferModule`` is) it serves.
     """
+
+    def __init__(self, owner: Freezable) -> None:
+        if not isinstance(owner, Freezable):
+            raise TypeError(f"FreezingHooks needs a transfer_lit.TransferModule (the Freezable protocol), got "
+                            f"{type(owner).__name__}")
+        self.owner = owner
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, Freezable):
-            raise TypeError(f"FreezingHooks needs a transfer_lit.TransferModule (the Freezable protocol), got "
-                            f"{type(pl_module).__name__}")
-        module = pl_module
-        strategy = module.configure_freezing()
-        strategy.check_mode(module.mode)
-        module.frozen.strategy = strategy
-        module.set_frozen_blocks(module.frozen_blocks)  # as the strategy means it (gate-only: all trainable)
-        strategy.before_wrap(module)
+        if pl_module is self.owner:
+            self.owner.install_freezing(self.owner.configure_freezing())
+            self.owner.frozen.strategy.before_wrap(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cast(Freezable, pl_module).frozen.strategy.on_fit_start()
+        if pl_module is self.owner:
+            self.owner.frozen.strategy.on_fit_start(pl_module)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cast(Freezable, pl_module).frozen.strategy.after_backward()
+        if pl_module is self.owner:
+            self.owner.frozen.strategy.after_backward()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        cast(Freezable, pl_module).frozen.hold(optimizer)
+        if pl_module is self.owner:
+            self.owner.frozen.hold(optimizer)

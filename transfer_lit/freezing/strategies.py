@@ -1,7 +1,9 @@
 """One object per training strategy owns everything freezing does differently under it.
 
-:func:`build_freezing` picks it once, in ``TransferModule.setup``, from the trainer's strategy; nothing
-else in transfer_lit branches on the strategy. What differs:
+:func:`build_freezing` picks it from the trainer's strategy (``TransferModule.configure_freezing``, which
+:class:`~transfer_lit.freezing.FreezingHooks` calls in every stage's ``setup``); nothing else in
+transfer_lit looks at the strategy's type, and what other parts need to know they ask this object
+(``unwrapped_refusal``, ``compares_checkpoint_shapes``, ``allows_fused_optimizer``). What differs:
 
 * :class:`FreezingStrategy` itself (one process): frozen parameters have ``requires_grad=False``, so they
   get no gradients, no optimizer state, and backward stops at the first trainable block.
@@ -35,9 +37,25 @@ from transfer_lit.freezing.gates import gated_params
 class FreezingStrategy:
     """Freezing on one device: ``requires_grad=False`` for frozen blocks. Subclasses adapt it to a strategy."""
 
-    #: The strategy shards parameters (FSDP, DeepSpeed): they cannot run or be snapshotted outside the wrapped
-    #: model (no feature cache, no LR finder), and a checkpoint's tensors are flat shards (no shape check).
+    #: The strategy shards parameters (FSDP, DeepSpeed).
     shards_parameters: bool = False
+
+    def unwrapped_refusal(self) -> str | None:
+        """Why the backbone cannot run or be snapshotted outside the wrapped model (the feature cache and the LR
+        finder need to), or ``None`` when it can."""
+        if self.shards_parameters:
+            return "the strategy shards the parameters (FSDP / DeepSpeed), so they cannot be used outside the model"
+        return None
+
+    @property
+    def compares_checkpoint_shapes(self) -> bool:
+        """Whether a checkpoint's tensors have the model's shapes (sharded strategies hold flat shards)."""
+        return not self.shards_parameters
+
+    @property
+    def allows_fused_optimizer(self) -> bool:
+        """Whether the optimizer may become the fused one on CUDA (not for sharded parameters)."""
+        return not self.shards_parameters
 
     def check_mode(self, mode: str) -> None:
         """Raise ``ValueError`` when ``model.mode`` cannot run under this strategy."""
@@ -58,8 +76,8 @@ class FreezingStrategy:
     def before_wrap(self, module: nn.Module) -> None:
         """In ``setup``, before the strategy wraps ``module``."""
 
-    def on_fit_start(self) -> None:
-        """Once the processes are up, before the first step."""
+    def on_fit_start(self, module: nn.Module) -> None:
+        """Once the processes are up and the model is wrapped, before the first step."""
 
     def after_backward(self) -> None:
         """After each backward pass, on every process."""
@@ -75,7 +93,15 @@ class DDPFreezing(FreezingStrategy):
         # Lightning's DDPStrategy passes this attribute on to DistributedDataParallel.
         module._ddp_params_and_buffers_to_ignore = self.sync.take_frozen(module)  # type: ignore[assignment]
 
-    def on_fit_start(self) -> None:
+    def on_fit_start(self, module: nn.Module) -> None:
+        # Frozen after before_wrap took its list (a subclass freezing in setup or configure_model): DDP holds them,
+        # and once thawed they would need DDP's reducer to know them. Say so rather than train them half-synced.
+        taken = {id(p) for p in self.sync.params}
+        late = [n for n, p in module.named_parameters() if not p.requires_grad and id(p) not in taken]
+        if late:
+            raise ValueError(f"parameters {late[:4]} ({len(late)} in all) were frozen after DDP wrapped the model "
+                             f"(e.g. in setup); freeze blocks in __init__ or through the ProgressiveUnfreezing "
+                             f"schedule, so that the thawed-gradient sync covers them")
         self.sync.broadcast()
 
     def after_backward(self) -> None:
