@@ -3,12 +3,14 @@
 # before jpeg_fit and gpu_decode were added; those add about a minute):
 #   1. the GPU tests (no host sync in CUDA training steps, channels_last, fused AdamW), when pytest is importable;
 #   2. benchmarks/gpu_throughput.py (transfer_lit vs hand-written loops; 159 s on the H100 with its 240 s budget);
-#   3. benchmarks/jpeg_fit.py for ResNet-50 (does the loader keep the GPU fed from a JPEG folder?) and gpu_decode.py.
+#   3. benchmarks/jpeg_fit.py for ResNet-50 (does the loader keep the GPU fed from a JPEG folder?), again with
+#      --resized-cache (data.cache_dir), and gpu_decode.py.
 # The exit status is 1 when any step failed.
 # Usage on the device machine, from the repository root:  bash benchmarks/gpu_check.sh
 # (arguments go to gpu_throughput.py: `bash benchmarks/gpu_check.sh --tiny` is a CPU smoke run)
 # JPEG_ROOT=DIR gives jpeg_fit/gpu_decode a folder of JPEGs (default: ../shared's hymenoptera, else generated ones).
-# Results: $OUT/gpu_tests.txt, $OUT/gpu_throughput.json, $OUT/jpeg_fit.txt, $OUT/gpu_decode.txt (OUT defaults to
+# Results: $OUT/gpu_tests.txt, $OUT/gpu_throughput.json, $OUT/jpeg_fit.txt, $OUT/jpeg_fit_resized_cache.txt,
+# $OUT/gpu_decode.txt (OUT defaults to
 # ./gpu_check_out). PYTHON picks the interpreter.
 set -u -o pipefail
 status=0
@@ -31,5 +33,8 @@ decode=()
 case " $* " in *" --tiny "*) jpeg=(--tiny); decode=(--generate 6 --passes 1) ;; esac
 if [ -n "${JPEG_ROOT:-}" ]; then jpeg+=(--root "$JPEG_ROOT"); decode+=(--root "$JPEG_ROOT"); fi
 timeout 150 "$PY" benchmarks/jpeg_fit.py "${jpeg[@]}" 2>&1 | tee "$OUT/jpeg_fit.txt" | tail -3 || status=1
+# The same from data.cache_dir (images resized once): what a many-epoch run on full-size photos gets.
+timeout 150 "$PY" benchmarks/jpeg_fit.py "${jpeg[@]}" --resized-cache 2>&1 | tee "$OUT/jpeg_fit_resized_cache.txt" \
+  | tail -3 || status=1
 timeout 60 "$PY" benchmarks/gpu_decode.py ${decode[@]+"${decode[@]}"} 2>&1 | tee "$OUT/gpu_decode.txt" | tail -1 || status=1
 exit $status

@@ -9,7 +9,11 @@ RandomResizedCrop + flip, scaled and normalized), with the same batch size, work
                    default ``normalize_on_device``: the workers deliver uint8 batches; the scaling and
                    normalization that a training run does on its device is charged here to this process,
                    on the CPU (``ImageDataModule.normalize``), which is the conservative side;
-* ``transfer_lit_normalize_in_workers`` the same with ``normalize_on_device=False`` (float32 batches).
+* ``transfer_lit_normalize_in_workers`` the same with ``normalize_on_device=False`` (float32 batches);
+* ``transfer_lit_full_decode`` the default with ``reduced_decode=False``: what decoding large JPEGs at a
+                   reduced DCT scale saves;
+* ``transfer_lit_resized_cache`` the default with ``cache_dir`` (a temp folder filled by the warm-up pass):
+                   every image read as the raw pixels of its resize, not decoded.
 
 Each arm runs ``--epochs`` passes per worker count, interleaved, after one warm-up pass (worker start-up
 and the page cache), and reports images/s. Divide a GPU's training throughput by the images/s per worker
@@ -19,7 +23,9 @@ to see how many loader cores it needs.
     python benchmarks/input_pipeline.py --root DIR       # a folder of class folders (or train/<class>/)
     python benchmarks/input_pipeline.py --generate 400   # no data: writes 400 500x375 JPEGs to a temp dir
 
-Last line: ``input_pipeline_ratio=<transfer_lit images/s / torchvision images/s>`` (most workers).
+Second-last line: ``input_pipeline_ratio=<transfer_lit images/s / torchvision images/s>`` (defaults, most
+workers); last line: ``photo_loader_speedup=<transfer_lit_resized_cache / torchvision>`` (most workers), what a
+many-epoch run on a folder of full-size photos gets with ``data.cache_dir``.
 """
 
 from __future__ import annotations
@@ -89,8 +95,10 @@ def _measure(argv: list[str] | None) -> dict[str, object]:
     root = generate(Path(temp.name), args.generate or 200) if temp is not None else (args.root or SHARED)
     train = root / "train" if (root / "train").is_dir() else root
     torch.set_num_threads(1)  # the loader's work is in the workers (or, with 0 workers, this one process)
-    results: dict[str, dict[int, list[float]]] = {"torchvision": {}, "transfer_lit": {},
-                                                   "transfer_lit_normalize_in_workers": {}}
+    names = ("torchvision", "transfer_lit", "transfer_lit_normalize_in_workers", "transfer_lit_full_decode",
+             "transfer_lit_resized_cache")
+    results: dict[str, dict[int, list[float]]] = {name: {} for name in names}
+    cache = tempfile.TemporaryDirectory()
     workers = [int(w) for w in args.workers.split(",")]
     pin = torch.cuda.is_available()
     for w in workers:
@@ -98,11 +106,15 @@ def _measure(argv: list[str] | None) -> dict[str, object]:
                               batch_size=args.batch_size, num_workers=w, pin_memory=pin, persistent_workers=w > 0)
         arms: dict[str, tuple[DataLoader, Finish]] = {
             "torchvision": (baseline, None)}
-        for name, on_device in (("transfer_lit", True), ("transfer_lit_normalize_in_workers", False)):
+        variants: dict[str, dict[str, object]] = {
+            "transfer_lit": {}, "transfer_lit_normalize_in_workers": {"normalize_on_device": False},
+            "transfer_lit_full_decode": {"reduced_decode": False},
+            "transfer_lit_resized_cache": {"cache_dir": cache.name}}
+        for name, kwargs in variants.items():
             data = ImageDataModule(root=str(root), batch_size=args.batch_size, num_workers=w, preprocessing=IMAGENET,
-                                   val_fraction=0.01 if not (root / "val").is_dir() else 0.2,
-                                   normalize_on_device=on_device)
+                                   val_fraction=0.01 if not (root / "val").is_dir() else 0.2, **kwargs)  # type: ignore[arg-type]
             data.setup("fit")
+            on_device = kwargs.get("normalize_on_device", True)
             arms[name] = (data.train_dataloader(), data.normalize if on_device else None)
         for loader, finish in arms.values():  # warm-up: worker start-up, page cache
             images_per_s(loader, 1, finish)
@@ -117,12 +129,18 @@ def _measure(argv: list[str] | None) -> dict[str, object]:
     }
     most = max(workers)
     ratio = statistics.median(results["transfer_lit"][most]) / statistics.median(results["torchvision"][most])
-    summary["device_normalize_speedup"] = round(statistics.median(results["transfer_lit"][most]) / statistics.median(
-        results["transfer_lit_normalize_in_workers"][most]), 3)
+    def speedup(name: str, over: str) -> float:
+        return round(statistics.median(results[name][most]) / statistics.median(results[over][most]), 3)
+
+    summary["device_normalize_speedup"] = speedup("transfer_lit", "transfer_lit_normalize_in_workers")
+    summary["reduced_decode_speedup"] = speedup("transfer_lit", "transfer_lit_full_decode")
+    summary["photo_loader_speedup"] = speedup("transfer_lit_resized_cache", "torchvision")
     if most > 0:
         summary["images_per_s_per_worker"] = round(statistics.median(results["transfer_lit"][most]) / most, 1)
     print(json.dumps(summary))
     print(f"input_pipeline_ratio={ratio:.3f}")
+    print(f"photo_loader_speedup={summary['photo_loader_speedup']:.3f}")
+    cache.cleanup()
     if temp is not None:
         temp.cleanup()
     return summary

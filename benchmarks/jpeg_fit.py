@@ -17,6 +17,7 @@ epoch covers every step.
     python benchmarks/jpeg_fit.py                   # ../shared/data/hymenoptera_data (244 train JPEGs), repeated
     python benchmarks/jpeg_fit.py --root DIR        # a folder of class folders (or train/<class>/)
     python benchmarks/jpeg_fit.py --tiny            # CPU smoke test: resnet18, 32 px, batch 4, 2 steps
+    python benchmarks/jpeg_fit.py --resized-cache   # the JPEG arm reads data.cache_dir, filled before timing
 
 Needs torch, torchvision, lightning and torchmetrics. Last line: JSON with ``fed_ratio`` per model.
 """
@@ -42,6 +43,7 @@ from input_pipeline import IMAGENET, generate
 from lightning.pytorch import Trainer
 
 from transfer_lit import ImageDataModule, TorchvisionBackbone, TransferModule
+from transfer_lit.data.reader import ImageReader
 from transfer_lit.preprocessing import ImagePreprocessing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="link each image this many times (default: enough for one epoch of every step)")
     parser.add_argument("--num-workers", type=int, default=None, help="default: the package's own default")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test")
+    parser.add_argument("--resized-cache", action="store_true",
+                        help="the JPEG arm reads through data.cache_dir (each image resized once, before timing)")
     args = parser.parse_args(argv)
     p = IMAGENET
     if args.tiny:
@@ -128,9 +132,15 @@ def run(args: argparse.Namespace, p: ImagePreprocessing) -> dict[str, Any]:
             "cores": os.cpu_count(), "root": str(root), "repeat": repeat, "batch_size": args.batch_size,
             "warmup": args.warmup, "steps_per_window": args.steps, "images_per_s": {}, "fed_ratio": {},
         }
+        cache_dir = str(Path(temp) / "resized") if args.resized_cache else None
+        summary["resized_cache"] = args.resized_cache
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             data = ImageDataModule(root=str(folder), batch_size=args.batch_size, num_workers=args.num_workers,
-                                   preprocessing=p, val_fraction=0.01)
+                                   preprocessing=p, val_fraction=0.01, cache_dir=cache_dir)
+            if cache_dir is not None:  # fill it untimed: the windows measure many-epoch reading, not the first pass
+                fill = ImageReader(p, cache_dir=cache_dir)
+                for path, _ in data.splits["train"]:
+                    fill(path)
             start = time.perf_counter()
             jpeg = fit(args, model, data, p)
             on_device = fit(args, model, None, p)

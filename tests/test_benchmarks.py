@@ -189,12 +189,14 @@ def test_input_pipeline_compares_the_loaders_on_generated_jpegs(capsys: pytest.C
     script = load_script("input_pipeline")
     summary = script.main(["--generate", "24", "--workers", "0", "--batch-size", "8", "--epochs", "1",
                            "--repeats", "1"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("input_pipeline_ratio=") and float(last.split("=")[1]) > 0
+    ratio, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert ratio.startswith("input_pipeline_ratio=") and float(ratio.split("=")[1]) > 0
+    assert last.startswith("photo_loader_speedup=") and float(last.split("=")[1]) == summary["photo_loader_speedup"]
     assert summary["images"] == 24
     assert set(summary["images_per_s"]) == {"torchvision", "transfer_lit",  # type: ignore[arg-type]
-                                            "transfer_lit_normalize_in_workers"}
-    assert summary["device_normalize_speedup"] > 0  # type: ignore[operator]
+                                            "transfer_lit_normalize_in_workers", "transfer_lit_full_decode",
+                                            "transfer_lit_resized_cache"}
+    assert summary["device_normalize_speedup"] > 0 and summary["reduced_decode_speedup"] > 0  # type: ignore[operator]
 
 
 def test_gpu_decode_measures_one_core_and_scales_it(tmp_path: Path) -> None:
@@ -209,9 +211,11 @@ def test_gpu_decode_measures_one_core_and_scales_it(tmp_path: Path) -> None:
         assert summary["gpu_images_per_s"] > 0 and summary["gpu_refused_files"] == 0
 
 
-def test_jpeg_fit_tiny_trains_from_a_jpeg_folder_and_from_device_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", [[], ["--resized-cache"]], ids=["decode", "resized_cache"])
+def test_jpeg_fit_tiny_trains_from_a_jpeg_folder_and_from_device_batches(tmp_path: Path, cache: list[str]) -> None:
     root = load_script("input_pipeline").generate(tmp_path / "jpegs", 16)
-    summary = load_script("jpeg_fit").main(["--tiny", "--root", str(root)])
+    summary = load_script("jpeg_fit").main(["--tiny", "--root", str(root), *cache])
+    assert summary["resized_cache"] == bool(cache)
     assert summary["repeat"] > 1 and summary["train_images"] >= (1 + 2 * 2) * 4  # one epoch covers every step
     speeds = summary["images_per_s"]["resnet18"]
     assert len(speeds["jpeg_windows"]) == len(speeds["on_device_windows"]) == 2

@@ -13,6 +13,7 @@ to True, truncated files are padded with gray by Pillow and pass.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -48,6 +49,7 @@ BAD_IMAGE_POLICIES: tuple[BadImagePolicy, ...] = get_args(BadImagePolicy)
 DEFAULT_MAX_PIXELS = 178_956_970
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_EXIF_ORIENTATION = 0x0112
 _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # What Pillow raises for damaged files: decoders raise OSError/SyntaxError/ValueError, some
 # plugins also EOFError or struct.error on short headers. UnidentifiedImageError is an OSError.
@@ -72,7 +74,8 @@ class BadImageError(ValueError):
         return type(self), (self.path, self.reason)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+               ) -> Image.Image:
     """Open and fully decode an image file, apply its EXIF orientation and convert it to 8-bit RGB.
 
     Transparent pixels (RGBA, LA, palette or grayscale with a transparent color) are composited onto
@@ -81,6 +84,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     Args:
         path: The image file.
         max_pixels: Largest width * height accepted, checked from the header before decoding.
+        min_side: decode a JPEG at reduced size: the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that
+            still leaves its shorter side >= ``min_side`` (``None``: full size; other formats: always full).
 
     Returns:
         A decoded RGB image, independent of the file.
@@ -92,7 +97,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     with warnings.catch_warnings():
         # We enforce max_pixels ourselves; Pillow would warn for every image above MAX_IMAGE_PIXELS.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _load(os.fspath(path), max_pixels)
+        return _load(os.fspath(path), max_pixels, min_side)
 
 
 def scan_images(
@@ -136,7 +141,7 @@ def _check_max_pixels(max_pixels: int) -> None:
         raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
 
 
-def _load(path: str, max_pixels: int) -> Image.Image:
+def _load(path: str, max_pixels: int, min_side: int | None = None) -> Image.Image:
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -146,8 +151,13 @@ def _load(path: str, max_pixels: int) -> Image.Image:
                     f"{width}x{height} = {width * height} pixels is more than the limit of {max_pixels}; "
                     "pass a larger max_pixels to read it",
                 )
+            if min_side is not None and img.format == "JPEG" and min(width, height) >= 2 * min_side:
+                # Pillow picks the smallest DCT scale whose size is >= the one asked for, in both dimensions.
+                scale = min_side / min(width, height)
+                img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies the image even when upright
+                img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file (Pillow cannot identify its format)") from None
@@ -192,6 +202,7 @@ class ImageDataset(Dataset):
         bad_images: ``error`` raises naming the file; ``skip`` returns ``None`` (dropped by the collate) and
             marks the sample in ``skipped``, a flag per sample in shared memory that loader workers write to.
         return_path: yield the path instead of the label (for ``predict``).
+        loader: reads a path into an RGB image, PIL or a uint8 ``(3, H, W)`` tensor (default :func:`load_image`).
     """
 
     def __init__(
@@ -200,8 +211,10 @@ class ImageDataset(Dataset):
         transform: Callable[[Any], torch.Tensor],
         bad_images: BadImagePolicy = "error",
         return_path: bool = False,
+        loader: Callable[[str], Image.Image | torch.Tensor] = load_image,
     ) -> None:
         self.samples = list(samples)
+        self.loader = loader
         self.transform = transform
         self.bad_images = bad_images
         self.return_path = return_path
@@ -217,7 +230,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any] | None:
         path, label = self.samples[index]
         try:
-            image = load_image(path)
+            image = self.loader(path)
         except BadImageError:
             if self.bad_images == "skip":
                 self.skipped[index] = True

@@ -106,8 +106,10 @@ def _qualname(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def cache_key(module: FeatureCacheable, preprocessing: Preprocessing, samples: Sequence[Sample], precision: str) -> str:
-    """The identity of a split's features: module and backbone classes, weights, preprocessing, precision, files."""
+def cache_key(module: FeatureCacheable, preprocessing: Preprocessing, samples: Sequence[Sample], precision: str,
+              reader: str = "full") -> str:
+    """The identity of a split's features: module and backbone classes, weights, preprocessing, precision, files and
+    how they are decoded (``reader``: ``full`` or a reduced-size decode)."""
     backbone = module.backbone
     parts = {
         "version": _FORMAT_VERSION,
@@ -117,6 +119,7 @@ def cache_key(module: FeatureCacheable, preprocessing: Preprocessing, samples: S
         "preprocessing": preprocessing.to_dict(),
         "precision": precision,
         "files": dataset_fingerprint(samples),
+        "reader": reader,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -206,7 +209,8 @@ class FeatureCache:
         os.replace(tmp, file)
 
     def features(self, trainer: Any, module: FeatureCacheable, images: Dataset, samples: Sequence[Sample],
-                 preprocessing: Preprocessing, loader_kwargs: dict[str, Any], split: str) -> FeatureEntry:
+                 preprocessing: Preprocessing, loader_kwargs: dict[str, Any], split: str,
+                 reader: str = "full") -> FeatureEntry:
         """The entry of ``samples`` (decoded by ``images``, same order), extracting it on a miss.
 
         Args:
@@ -217,9 +221,10 @@ class FeatureCache:
             preprocessing: what ``images`` applies (part of the key).
             loader_kwargs: ``DataLoader`` arguments for extraction (batch size, workers, collate).
             split: name used in the log line.
+            reader: how ``images`` decodes files (part of the key).
         """
         strategy = trainer.strategy
-        key = cache_key(module, preprocessing, samples, str(trainer.precision))
+        key = cache_key(module, preprocessing, samples, str(trainer.precision), reader)
         entry = self.lookup(key)
         if strategy.reduce_boolean_decision(entry is not None, all=True):
             assert entry is not None

@@ -13,7 +13,6 @@ data always matches the checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from transfer_lit.data.decode import (
     scan_images,
 )
 from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
+from transfer_lit.data.reader import ImageReader, default_num_workers
 from transfer_lit.data.splits import index_splits, list_images
 from transfer_lit.preprocessing import (
     Augment,
@@ -42,22 +42,6 @@ from transfer_lit.preprocessing import (
     normalize_images,
 )
 from transfer_lit.protocols import FeatureCacheable, HasPreprocessing
-
-
-def default_num_workers(devices: int = 1, cuda: bool | None = None) -> int:
-    """Loader workers per training process: its share of the cores, keeping one for the process itself.
-
-    At most 8 when training runs on the CPU (workers take cores from the model), 16 with CUDA: decoding
-    and cropping a photo takes a core ~6 ms (150-175 images/s per worker measured on full-size JPEGs,
-    ``benchmarks/input_pipeline.py``), so one GPU training at thousands of images/s needs every core it has.
-
-    Args:
-        devices: training processes on this machine (``trainer.num_devices``).
-        cuda: whether training runs on CUDA (default: whether CUDA is available).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cap = 16 if (torch.cuda.is_available() if cuda is None else cuda) else 8
-    return max(0, min(cap, cores // max(1, devices) - 1))
 
 
 class ImageDataModule(LightningDataModule):
@@ -87,6 +71,12 @@ class ImageDataModule(LightningDataModule):
             Test and predict always read images; checkpoints hold the full backbone + head.
         feature_cache_dir: folder that keeps cached features across runs (keyed by backbone weights,
             preprocessing, precision and the files' paths, sizes and times); ``None`` = memory only.
+        reduced_decode: decode a JPEG at libjpeg's reduced DCT scale when its shorter side is >= 4 x the
+            preprocessing's resize size, keeping it >= 2 x (at most a few levels of 255 change after the resize;
+            see :mod:`transfer_lit.data.reader`); ``False`` always decodes at full size.
+        cache_dir: folder keeping every image resized once to the resize size (raw uint8; keyed by file,
+            size, modification time and resize settings), so later epochs and runs read small files; the eval
+            crop is unchanged, training crops come from the resized image. ``None``: no cache.
         normalize_on_device: the loader workers stop at uint8 images, and ``transfer_batch_to_device``
             scales and normalizes each batch on the training device: a quarter of the bytes through the
             workers' shared memory, pinned memory and the host-to-device copy, and less work per worker.
@@ -113,6 +103,8 @@ class ImageDataModule(LightningDataModule):
         cache_features: CacheFeatures = "auto",
         feature_cache_dir: str | None = None,
         normalize_on_device: bool = True,
+        reduced_decode: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -129,6 +121,7 @@ class ImageDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
         self.predict_root, self.normalize_on_device = predict_root, normalize_on_device
+        self.reduced_decode, self.cache_dir = reduced_decode, cache_dir
         if cache_features not in (True, False, "auto"):
             raise ValueError(f"data.cache_features must be true, false or 'auto', got {cache_features!r}")
         self.cache_features = cache_features
@@ -210,13 +203,14 @@ class ImageDataModule(LightningDataModule):
         normalize = cached or not self.normalize_on_device  # feature extraction feeds the backbone itself
         transform = (build_train_transform(p, self.augment, normalize) if train and not cached
                      else build_eval_transform(p, normalize))
-        images = ImageDataset(self.splits[split], transform, self.bad_images)
+        reader = ImageReader(p, self.reduced_decode, self.cache_dir)
+        images = ImageDataset(self.splits[split], transform, self.bad_images, loader=reader)
         self._read.append((split, images))
         if cached and isinstance(module, FeatureCacheable):
             loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.loader_workers(),
                              "collate_fn": collate_skipping_bad, "pin_memory": torch.cuda.is_available()}
             entry = self.feature_cache.features(self.trainer, module, images, self.splits[split], p, loader_kwargs,
-                                                split)
+                                                split, reader.describe())
             features = FeatureDataset(entry, self.splits[split])
             # Features are in memory already: worker processes would only add start-up and IPC cost.
             return DataLoader(features, batch_size=self.batch_size, shuffle=train,
@@ -282,8 +276,9 @@ class ImageDataModule(LightningDataModule):
         files = list_images(root)
         if not files:
             raise ValueError(f"data.predict_root={self.predict_root!r} holds no images ({list(IMAGE_EXTENSIONS)})")
-        transform = build_eval_transform(self.resolved_preprocessing(), not self.normalize_on_device)
-        dataset = ImageDataset([(str(f), -1) for f in files], transform, self.bad_images, return_path=True)
+        p = self.resolved_preprocessing()
+        dataset = ImageDataset([(str(f), -1) for f in files], build_eval_transform(p, not self.normalize_on_device),
+                               self.bad_images, return_path=True, loader=ImageReader(p, self.reduced_decode))
         self._read.append(("predict", dataset))
         return self._dataloader(dataset, shuffle=False)
 

@@ -148,17 +148,21 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
             torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device))
 
 
+def build_resize(p: ImagePreprocessing) -> v2.Resize:
+    """The eval transform's first step: the shorter side to ``resize_size`` (``squash``: both sides)."""
+    size: int | tuple[int, int] = p.resize_size if p.crop_mode == "center" else (p.resize_size, p.resize_size)
+    return v2.Resize(size, interpolation=_INTERPOLATIONS[p.interpolation], antialias=True)
+
+
 def build_eval_transform(p: ImagePreprocessing, normalize: bool = True) -> v2.Compose:
     """Resize the shorter side (``squash``: both sides), centre-crop, scale to [0, 1], normalize: torchvision's and
     timm's eval recipe.
 
     With ``normalize=False`` it stops at a uint8 tensor (``normalize_images`` does the rest later).
     """
-    interpolation = _INTERPOLATIONS[p.interpolation]
-    size: int | tuple[int, int] = p.resize_size if p.crop_mode == "center" else (p.resize_size, p.resize_size)
     return v2.Compose(
         [
-            v2.Resize(size, interpolation=interpolation, antialias=True),
+            build_resize(p),
             v2.CenterCrop(p.crop_size),
             *_to_tensor(p, normalize),
         ]
