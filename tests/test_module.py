@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
-from transfer_lit import ImageDataModule, ImagePreprocessing, MLPHead, TransferModule
+from transfer_lit import Backbone, ImageDataModule, ImagePreprocessing, MLPHead, TransferModule
 
 
 def _trainer(epochs: int = 1, **kwargs) -> Trainer:
@@ -262,3 +262,41 @@ def test_predict_step_returns_paths_and_probabilities() -> None:
     assert out["paths"] == ["a.png", "b.png", "c.png"]
     assert out["probs"].shape == (3, 3)
     assert torch.allclose(out["probs"].sum(-1), torch.ones(3))
+
+
+class _TwoInputs(Backbone):
+    """A backbone whose inputs are a mapping of tensors (as a tokenizer's ``input_ids`` / ``attention_mask``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.mix = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        self.num_features = 8
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        return self.mix((self.embed(inputs["input_ids"]) * mask).sum(1) / mask.sum(1))
+
+
+class _MappingData(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        ids = torch.tensor([i % 20, (3 * i) % 20, 1, 0])
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}, i % 2
+
+
+@pytest.mark.parametrize("mode", ["finetune", "progressive", "linear_probe"])
+def test_a_batch_whose_inputs_are_a_mapping_of_tensors_trains_in_every_mode(mode: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TransferModule(_TwoInputs(), num_classes=2, mode=mode, lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader = torch.utils.data.DataLoader(_MappingData(), batch_size=4)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, loader, loader)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert {n for n in changed if n.startswith("head.")} == {"head.0.weight", "head.0.bias"}
+    assert bool({n for n in changed if n.startswith("backbone.")}) == (mode == "finetune")
+    assert "val_acc" in trainer.callback_metrics
