@@ -13,7 +13,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 #: Errors caused by the user's input: the CLI prints the message (no traceback) and exits with 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, KeyError, FileNotFoundError, TypeError, FloatingPointError, MisconfigurationException
+    ValueError, KeyError, FileNotFoundError, NotADirectoryError, TypeError, FloatingPointError,
+    MisconfigurationException,
 )
 #: A DataLoader worker's exception reaches the main process as "Caught <Name> in DataLoader worker process <i>.
 #: Original Traceback ...", re-raised as <Name>(that text) or, when <Name> needs other arguments, RuntimeError.

@@ -12,22 +12,72 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_lit.data.decode import IMAGE_EXTENSIONS, Sample
 
+#: Split folder names, matched case-insensitively (``Train/``, ``valid/``, ``Validation/``, ``dev/`` ...).
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
+               "test": ("test", "testing")}
+#: Folders that hold no data, whatever they contain: hidden ones (``.thumbnails``, ``.ipynb_checkpoints``) and
+#: the resource forks macOS adds to zip files.
+_JUNK = ("__MACOSX",)
+
+
+def _hidden(parts: Sequence[str]) -> bool:
+    return any(part.startswith(".") or part in _JUNK for part in parts)
+
 
 def list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
-    """Image files under ``folder``; other non-hidden files (``.gif``, ``.txt``...) are appended to ``ignored``."""
-    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    """Image files under ``folder``, leaving out hidden files and everything in hidden (or ``__MACOSX``) folders;
+    other files (``.gif``, ``.txt``, broken symbolic links...) are appended to ``ignored``."""
+    files = []
+    for p in folder.rglob("*"):
+        if _hidden(p.relative_to(folder).parts):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and ignored is not None:  # a link whose target is gone
+            ignored.append(p)
     if ignored is not None:
         ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def describe_ignored(ignored: Sequence[Path]) -> str:
-    """``"; ignored 1 file(s) whose extension is not in [...]: {'.gif': 1}, e.g. [...]"`` for the data log line."""
-    if not ignored:
-        return ""
-    by_extension = dict(sorted(Counter(p.suffix.lower() or "(none)" for p in ignored).items()))
-    return (f"; ignored {len(ignored)} file(s) whose extension is not in {list(IMAGE_EXTENSIONS)}: {by_extension}, "
-            f"e.g. {[str(p) for p in sorted(ignored)[:3]]}")
+    """``"; ignored 1 file(s) whose extension is not in [...]: {'.gif': 1}, e.g. [...]"`` (and broken links) for the
+    data log line."""
+    broken = sorted(p for p in ignored if p.is_symlink() and not p.exists())
+    other = sorted(p for p in ignored if p not in broken)
+    text = ""
+    if other:
+        by_extension = dict(sorted(Counter(p.suffix.lower() or "(none)" for p in other).items()))
+        text += (f"; ignored {len(other)} file(s) whose extension is not in {list(IMAGE_EXTENSIONS)}: {by_extension}, "
+                 f"e.g. {[str(p) for p in other[:3]]}")
+    if broken:
+        text += f"; skipped {len(broken)} broken symbolic link(s), e.g. {[str(p) for p in broken[:3]]}"
+    return text
+
+
+def split_folders(base: Path, key: str) -> dict[str, Path]:
+    """``{split: folder}`` of ``base``'s sub-folders named like a split (:data:`SPLIT_NAMES`, any case).
+
+    Raises:
+        ValueError: when two folders name the same split (``val/`` and ``Validation/``).
+    """
+    found: dict[str, list[Path]] = defaultdict(list)
+    for child in sorted(base.iterdir()):
+        for split, names in SPLIT_NAMES.items():
+            if child.is_dir() and child.name.lower() in names:
+                found[split].append(child)
+    for split, dirs in found.items():
+        if len(dirs) > 1:
+            raise ValueError(f"{key}={str(base)!r} has {len(dirs)} folders for the {split} split: "
+                             f"{[d.name for d in dirs]}; keep one (split names: {list(SPLIT_NAMES[split])}, any case)")
+    return {split: dirs[0] for split, dirs in found.items()}
+
+
+def interleaved(by_class: dict[str, list[Path]]) -> list[tuple[Path, str]]:
+    """One file of each class in turn: the first batches of an evaluation split (the sanity check,
+    ``limit_val_batches``) then see every class, not only the first one."""
+    ranked = [(i, k, f, c) for k, (c, files) in enumerate(by_class.items()) for i, f in enumerate(files)]
+    return [(f, c) for _, _, f, c in sorted(ranked, key=lambda r: (r[0], r[1]))]
 
 
 def scan_class_folders(root: Path, key: str, ignored: list[Path] | None = None) -> dict[str, list[Path]]:
@@ -37,14 +87,19 @@ def scan_class_folders(root: Path, key: str, ignored: list[Path] | None = None) 
     """
     if not root.is_dir():
         raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden([d.name]))
     if not classes:
         raise ValueError(f"{key}={str(root)!r} has no class sub-folders; expected {root}/<class name>/<image files>")
-    found = {c: list_images(root / c, ignored) for c in classes}
+    skipped: list[Path] = []
+    found = {c: list_images(root / c, skipped) for c in classes}
+    if ignored is not None:
+        ignored += skipped
     empty = [c for c, files in found.items() if not files]
     if empty:
+        held = Counter(p.suffix.lower() or "(none)" for p in skipped if p.parent.relative_to(root).parts[0] in empty)
         raise ValueError(
             f"{key}={str(root)!r}: class folder(s) {empty} contain no images with extensions {list(IMAGE_EXTENSIONS)}"
+            + (f" (they hold {sum(held.values())} other file(s): {dict(held)})" if held else "")
         )
     return found
 
@@ -53,12 +108,14 @@ def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
     """Rows ``(path, label)`` of a CSV with a ``path,label`` header; relative paths are resolved against its folder."""
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r}: no such file")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel writes
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{key}={str(path)!r} must have a header with columns 'path' and 'label', "
                              f"got {reader.fieldnames}")
         rows = [(path.parent / row["path"], row["label"]) for row in reader]
+    if not rows:
+        raise ValueError(f"{key}={str(path)!r} has a header but no rows")
     missing = [str(p) for p, _ in rows if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -95,16 +152,21 @@ def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, t
     ignored: list[Path] = []
     if root is not None:
         base = Path(root).expanduser()
+        if base.is_file():
+            raise NotADirectoryError(f"data.root={root!r} is a file, not a folder: data.root takes a folder of class "
+                                     f"folders (or train/ + val/ ones); a CSV file goes to data.train_csv")
         if not base.is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such directory")
-        if (base / "train").is_dir():
-            for split in ("train", "val", "test"):
-                if (base / split).is_dir():
-                    folders[split] = scan_class_folders(base / split, f"data.root ({split}/)", ignored)
+        found = split_folders(base, "data.root")
+        if "train" in found:
+            for split, folder in found.items():
+                folders[split] = scan_class_folders(folder, f"data.root ({folder.name}/)", ignored)
             if "val" not in folders:
                 folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, seed)
-        elif (base / "val").is_dir() or (base / "test").is_dir():
-            raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder")
+        elif found:
+            raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder (found "
+                                    f"{sorted(f.name + '/' for f in found.values())}; the training folder may be "
+                                    f"named any of {list(SPLIT_NAMES['train'])}, in any case)")
         else:
             folders["train"], folders["val"] = stratified_split(
                 scan_class_folders(base, "data.root", ignored), val_fraction, seed
@@ -129,8 +191,15 @@ def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, t
     index = {name: i for i, name in enumerate(class_names)}
     splits: dict[str, list[Sample]] = {}
     for split, by_class in folders.items():
-        splits[split] = [(str(f), index[c]) for c, files in by_class.items() for f in files]
+        ordered = interleaved(by_class) if split != "train" else [(f, c) for c, fs in by_class.items() for f in fs]
+        splits[split] = [(str(f), index[c]) for f, c in ordered]
     counts = {s: len(v) for s, v in splits.items()}
+    for split, samples in splits.items():
+        if not samples:
+            raise ValueError(f"data: the {split} split has no images (images per split: {counts}); "
+                             + ("with data.val_fraction a class needs >= 2 images to lend one to validation: add "
+                                "images, or give a val/ folder or data.val_csv" if split == "val" else
+                                "add images to it"))
     rank_zero_info(f"transfer_lit data: {len(class_names)} classes {class_names[:10]}, images {counts}"
                    f"{describe_ignored(ignored)}")
     return class_names, splits
