@@ -236,3 +236,30 @@ def test_with_checkpoint_model_leaves_files_it_cannot_use_to_lightning(tmp_path:
     for path in (text, odd):
         argv = ["predict", "--ckpt_path", str(path)]
         assert with_checkpoint_model(argv) == argv
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_random_model(
+        command: str, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = _user_error([command, "--config", str(DEBUG), "--data.root", str(images), "--ckpt_path", "last",
+                           "--trainer.default_root_dir", str(tmp_path / "never_fitted")], capsys)
+    assert f"--ckpt_path last: no checkpoint to {command}" in message and "never_fitted" in message
+
+
+def test_sync_batchnorm_is_switched_off_on_cpu_with_a_notice(images: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cli = TransferCLI(TransferModule, ImageDataModule, run=False,
+                      args=["--config", str(DEBUG), "--data.root", str(images), "--trainer.sync_batchnorm=true",
+                            "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.config.trainer.sync_batchnorm is False
+    assert "trainer.sync_batchnorm=true is for GPUs" in capsys.readouterr().err
+
+
+def test_class_names_outside_the_basic_plane_survive_the_checkpoint_round_trip(tmp_path: Path) -> None:
+    import yaml
+
+    names = ["\N{ANT}", "\N{HONEYBEE}", "caf\u00e9"]
+    path = tmp_path / "emoji.ckpt"
+    torch.save({"hyper_parameters": {"class_names": names, "num_classes": 3}}, path)
+    extended = with_checkpoint_model(["predict", "--ckpt_path", str(path)])
+    assert yaml.safe_load(extended[2])["class_names"] == names  # jsonargparse reads the value as YAML

@@ -69,6 +69,10 @@ class TransferCLI(LightningCLI):
         trainer = config["trainer"]
         cuda = torch.cuda.is_available()
         apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
+        if trainer.get("sync_batchnorm") and (trainer.get("accelerator") == "cpu" or not cuda):
+            print("transfer-lit: trainer.sync_batchnorm=true is for GPUs (torch's SyncBatchNorm refuses CPU tensors): "
+                  "off for this CPU run", file=sys.stderr)
+            trainer["sync_batchnorm"] = False
         prefer_tf32(cuda)  # main() restores the process-wide setting when the command is done
         # Default callbacks are always appended; drop those Lightning refuses when the user switched off what they need.
         unwanted: list[type] = [LearningRateMonitor] if trainer.get("logger") is False else []
@@ -79,7 +83,14 @@ class TransferCLI(LightningCLI):
     def _resolve_last_checkpoint(self) -> None:
         # Lightning looks for "last" only in this run's new (empty) logger version folder; look in earlier ones.
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last" and (found := find_last_checkpoint(self.trainer)) is not None:
+        if config.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found is None and self.subcommand != "fit":  # Lightning would go on with the untrained weights
+            raise FileNotFoundError(f"--ckpt_path last: no checkpoint to {self.subcommand} in this run's folders "
+                                    f"(trainer.default_root_dir={self.trainer.default_root_dir!r}); fit first, or give "
+                                    f"the checkpoint's path")
+        if found is not None:
             print(f"transfer-lit: --ckpt_path last = {found}", file=sys.stderr)
             config["ckpt_path"] = str(found)
             for temp in remove_stale_temps(found.parent):

@@ -25,7 +25,7 @@ def with_checkpoint_model(argv: list[str]) -> list[str]:
     if not model or "_class_path" in hparams:  # saved outside this CLI's model class
         return argv
     try:
-        encoded = json.dumps(model)
+        encoded = json.dumps(model, ensure_ascii=False)  # escaped, an emoji's surrogate pair is invalid YAML
     except (TypeError, ValueError):  # an object jsonargparse could not read back either
         return argv
     at = commands[0] + 1
