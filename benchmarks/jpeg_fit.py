@@ -141,6 +141,10 @@ def run(args: argparse.Namespace, p: ImagePreprocessing) -> dict[str, Any]:
                 fill = ImageReader(p, cache_dir=cache_dir)
                 for path, _ in data.splits["train"]:
                     fill(path)
+                samples = data.splits["train"]
+                summary["resized_cache_misses"] = sum(not fill.entry(path).is_file() for path, _ in samples)
+            else:
+                summary["resized_cache_misses"] = None
             start = time.perf_counter()
             jpeg = fit(args, model, data, p)
             on_device = fit(args, model, None, p)

@@ -87,6 +87,18 @@ def test_a_changed_file_misses_and_the_settings_are_part_of_the_key(tmp_path: Pa
         ImageReader(DEFAULT_PREPROCESSING, reduced_decode=False).describe()
 
 
+def test_a_file_gone_since_it_was_listed_is_a_bad_image_with_the_cache_too(tmp_path: Path) -> None:
+    from transfer_lit import BadImageError
+    from transfer_lit.data import ImageDataset
+
+    gone = str(tmp_path / "gone.jpg")
+    cached = ImageReader(DEFAULT_PREPROCESSING, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(BadImageError, match=r"gone\.jpg"):
+        cached(gone)
+    skipping = ImageDataset([(gone, 0)], lambda image: image, bad_images="skip", loader=cached)
+    assert skipping[0] is None and skipping.skipped_paths() == [gone]
+
+
 def test_the_data_module_reads_through_the_cache(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", {"train": 4, "val": 2})
     p = ImagePreprocessing(36, 32, "bilinear", (0.5,) * 3, (0.25,) * 3)

@@ -31,6 +31,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16_224": {"img_size": 32}, "deit_tiny_patch16_224": {"img_size": 32},
     "eva02_tiny_patch14_224": {"img_size": 28}, "beit_base_patch16_224": {"img_size": 32},
     "cait_xxs24_224": {"img_size": 32}, "swin_tiny_patch4_window7_224": {"img_size": 64, "window_size": 2},
+    "pit_ti_224": {"img_size": 224},  # no group_matcher(): its top-level children are the blocks
 }
 
 
@@ -79,6 +80,21 @@ def test_the_train_transform_keeps_size_interpolation_and_statistics() -> None:
     assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.5, 0.5, 0.5)
 
 
+def test_an_img_size_given_to_timm_sets_the_crop_and_the_eval_transform_feeds_the_model(
+        images: list[Image.Image]) -> None:
+    backbone = TimmBackbone("vit_tiny_patch16_224", weights=None, model_kwargs={"img_size": 160}).eval()
+    assert backbone.preprocessing is not None and backbone.preprocessing.crop_size == 160
+    x = torch.stack([build_eval_transform(backbone.preprocessing)(image) for image in images[:2]])
+    assert backbone(x).shape == (2, backbone.num_features)
+
+
+def test_deprecated_and_hub_names_are_left_to_timm() -> None:
+    from transfer_lit.backbones.timm import _check_name
+
+    _check_name(timm, "convnext_tiny_in22ft1k")  # timm maps it to convnext_tiny.fb_in22k_ft_in1k
+    _check_name(timm, "hf-hub:timm/resnet18.a1_in1k")
+
+
 def test_what_cannot_be_reproduced_is_refused_naming_the_value() -> None:
     base = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
             "crop_pct": 1.0}
@@ -102,7 +118,10 @@ def test_contract(name: str, one_thread: None) -> None:
     assert backbone(torch.randn(2, 3, size, size)).shape == (2, backbone.num_features)
     blocks = backbone.block_params()  # raises if a parameter is in no block or in two
     assert sum(len(ps) for ps in blocks.values()) == len(list(backbone.parameters())) and len(blocks) >= 4
-    assert isinstance(backbone.preprocessing, ImagePreprocessing)  # from pretrained_cfg, offline
+    config = timm.data.resolve_data_config({"input_size": (3, size, size)} if "img_size" in FAMILIES[name] else {},
+                                           model=backbone.model)
+    assert backbone.preprocessing == preprocessing_from_timm(config, name)  # from pretrained_cfg, offline
+    assert backbone.preprocessing is not None and backbone.preprocessing.crop_size == config["input_size"][1]
 
     model = TransferModule(backbone, num_classes=3, mode="progressive", lr=0.1, backbone_lr_mult=1.0)
     names = backbone.block_names()

@@ -86,9 +86,12 @@ def _hub_source(cfg: dict[str, Any]) -> tuple[str, Path | None]:
 
 
 def _check_name(timm: ModuleType, name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):  # timm resolves these itself
+        return
     arch, tag = timm.models.split_model_name_tag(name)
     models = timm.list_models()
-    if arch not in models:
+    deprecated = getattr(timm.models._registry, "_deprecated_models", {})
+    if arch not in models and name not in deprecated and arch not in deprecated:
         raise ValueError(f"model.backbone.name={name!r} is not a timm model.{suggest(arch, models)} Valid names are "
                          f"timm.list_models(), e.g. {models[:4]}")
     if tag:
@@ -167,7 +170,8 @@ def block_specs_from_groups(model: nn.Module, groups: dict[int, list[str]]) -> l
     """Blocks of ``groups`` (timm's ``group_parameters``: ordinal -> parameter names, input side first).
 
     Each block's prefixes are the largest submodules whose parameters all belong to it (so BatchNorm policies
-    find its modules), plus its parameters that sit directly on a module shared with other blocks.
+    find its modules), plus its parameters that sit directly on a module shared with other blocks; they are
+    listed in the model's own order.
     """
     owner = {p: gid for gid, names in groups.items() for p in names}
     single: dict[str, int] = {}
@@ -175,36 +179,31 @@ def block_specs_from_groups(model: nn.Module, groups: dict[int, list[str]]) -> l
         ids = {owner[f"{module_name}.{n}" if module_name else n] for n, _ in module.named_parameters()}
         if len(ids) == 1 and module_name:
             single[module_name] = ids.pop()
-    prefixes: dict[int, set[str]] = defaultdict(set)
-    for param, gid in owner.items():
-        parts, best = param.split("."), param
+    prefixes: dict[int, dict[str, None]] = defaultdict(dict)  # insertion-ordered: the model's order
+    for param, _ in model.named_parameters():
+        gid, parts, best = owner[param], param.split("."), param
         for depth in range(len(parts) - 1, 0, -1):
             candidate = ".".join(parts[:depth])
             if single.get(candidate) != gid:
                 break
             best = candidate
-        prefixes[gid].add(best)
+        prefixes[gid][best] = None
     specs: list[BlockSpec] = []
     used: set[str] = set()
     for index, gid in enumerate(sorted(groups)):
-        name = _block_name(sorted(prefixes[gid]), index)
+        name = _block_name(list(prefixes[gid]), index)
         while name in used:
             name += "_"
         used.add(name)
-        specs.append((name, tuple(sorted(prefixes[gid]))))
+        specs.append((name, tuple(prefixes[gid])))
     return specs
 
 
 def _block_name(prefixes: list[str], index: int) -> str:
-    """The dotted path all of a block's prefixes share (``blocks.3``); without one, ``stem`` for the first block and
-    the prefixes joined by ``+`` for others (timm merges ViT's final norm into the last block: ``blocks.11+norm``)."""
-    common: list[str] = []
-    for parts in zip(*(p.split(".") for p in prefixes), strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    if common and not (index == 0 and len(prefixes) > 1):
-        return ".".join(common)
+    """A block's one prefix (``blocks.3``); ``stem`` for a first block of several; else its prefixes in model order
+    joined by ``+`` (timm merges ViT's final norm into the last block: ``blocks.11+norm``)."""
+    if len(prefixes) == 1:
+        return prefixes[0]
     return "stem" if index == 0 else "+".join(prefixes)
 
 
@@ -233,10 +232,19 @@ class TimmBackbone(Backbone):
         # MobileNetV3 / GhostNet pool then widen (conv_head): their pooled output is head_hidden_size wide.
         width: Any = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.num_features = int(width)
-        config = import_timm().data.resolve_data_config({}, model=self.model)
+        # An img_size given to create_model changes the model but not its pretrained_cfg: the input size follows it.
+        size = (model_kwargs or {}).get("img_size")
+        args = {"input_size": (3, *((size, size) if isinstance(size, int) else size))} if size else {}
+        config = import_timm().data.resolve_data_config(args, model=self.model)
         self.preprocessing: ImagePreprocessing | None = preprocessing_from_timm(config, name)
+        self.block_params()  # a model whose groups cannot be read fails here, not when the optimizer is built
 
     def block_specs(self) -> list[BlockSpec]:
+        if not callable(getattr(self.model, "group_matcher", None)):  # PiT, MetaFormer: the top-level children
+            children = [(n, (f"model.{n}",)) for n, c in self.model.named_children()
+                        if any(True for _ in c.parameters())]
+            own = tuple(f"model.{n}" for n, _ in self.model.named_parameters(recurse=False))
+            return [("stem", own)] * bool(own) + children
         timm = import_timm()
         matcher = self.model.group_matcher(coarse=self.groups == "coarse")
         groups = timm.models.group_parameters(self.model, matcher)

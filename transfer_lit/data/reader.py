@@ -5,13 +5,14 @@ file holds, and optionally through a cache of images resized once.
   decoded at libjpeg's smallest DCT scale (1/2, 1/4, 1/8) that still leaves the shorter side >= 2 x the resize
   size, so the exact resize that follows always shrinks by 2x or more. On the large photos of
   ``hymenoptera_data`` this changes the eval crop by at most 2-5 levels of 255 (mean 0.17-0.28) against a full
-  decode, and a 2592 x 1944 photo decodes in 36 ms instead of 78 (``benchmarks/input_pipeline.py``). Asking for
+  decode, and a 2592 x 1944 photo decodes in 38 ms instead of 55 (``benchmarks/RESULTS.md``). Asking for
   the shorter side >= 1 x the resize size would save more but changed pixels by up to 88 levels (mean up to 5.9).
 * **Resized cache** (``cache_dir``): each image is stored once, resized as the eval transform's first step does
   (shorter side to the resize size; ``squash``: both sides), as raw uint8 pixels; later epochs read those instead
   of decoding the file. The eval transform gives the same pixels as without the cache (its resize is then the
   identity); training crops are taken from the resized image, so small random crops have less detail than from
-  a full-size original. Entries are keyed by the file (path, size, modification time) and the resize settings:
+  a full-size original (``squash`` checkpoints: from the squashed image, as their evaluation sees it). Entries are
+  keyed by the file (path, size, modification time) and the resize settings:
   any change is a miss. Size: ``resize x resize x aspect x 3`` bytes per image (256 px, 4:3: 262 KB).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from transfer_lit.data.decode import load_image
+from transfer_lit.data.decode import BadImageError, load_image
 from transfer_lit.preprocessing.images import ImagePreprocessing, build_resize
 
 _FORMAT_VERSION = 1
@@ -67,17 +69,20 @@ class ImageReader:
         try:
             pixels = np.load(file, allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError, EOFError):  # a miss, or a damaged entry: write it again
-            pixels = np.asarray(build_resize(self.preprocessing)(load_image(path, min_side=self.min_side)))
+            pixels = np.array(build_resize(self.preprocessing)(load_image(path, min_side=self.min_side)))
             file.parent.mkdir(parents=True, exist_ok=True)
-            temp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-            with temp.open("wb") as f:
+            handle, temp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+            with os.fdopen(handle, "wb") as f:
                 np.save(f, pixels, allow_pickle=False)
-            os.replace(temp, file)  # atomic: workers writing the same entry never leave half of one
+            os.replace(temp, file)  # atomic: writers of the same entry (workers, nodes) never leave half of one
         return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
     def entry(self, path: str) -> Path:
-        """Where the resized image of ``path`` is cached."""
-        stat = os.stat(path)
+        """Where the resized image of ``path`` is cached (:class:`BadImageError` when the file is gone)."""
+        try:
+            stat = os.stat(path)
+        except OSError as error:  # what load_image says of it, so that bad_images='skip' still skips it
+            raise BadImageError(path, f"{type(error).__name__}: {error.strerror}") from error
         p = self.preprocessing
         identity = (f"{_FORMAT_VERSION}\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{p.resize_size}"
                     f"\0{p.interpolation}\0{p.crop_mode}\0{self.min_side}")
