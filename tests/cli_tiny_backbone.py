@@ -52,6 +52,13 @@ class OtherCLIBackbone(Backbone):
         return self.features(x)
 
 
+class BuggyCLIBackbone(TinyCLIBackbone):
+    """A user's backbone with a bug: its forward raises a ValueError of its own (not about the input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("too many values to unpack (expected 2)")
+
+
 class SendSignal(Callback):
     """Send this process ``signum`` once, at the end of batch ``batch`` of ``stage`` in epoch ``epoch``.
 

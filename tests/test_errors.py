@@ -22,6 +22,7 @@ from PIL import Image
 
 from transfer_lit import ImageDataModule, TransferModule
 from transfer_lit.cli import main
+from transfer_lit.errors import user_error_message
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -310,3 +311,22 @@ def test_a_data_batch_producing_inf_is_named_as_such(images: Path, tmp_path: Pat
     message = cli_error(fit_args(images, tmp_path, "--model.preprocessing", "{std: [1e-45, 1e-45, 1e-45]}"), capsys)
     assert message.startswith("training loss is nan at global step 0 (epoch 0): the input batch holds ")
     assert "check the data and the preprocessing" in message
+
+
+def test_a_bug_in_user_code_keeps_its_traceback(images: Path, tmp_path: Path) -> None:
+    """A ValueError raised in the user's own backbone is not about their input: it is not a one-line user error."""
+    args = fit_args(images, tmp_path / "run")
+    args[args.index("cli_tiny_backbone.TinyCLIBackbone")] = "cli_tiny_backbone.BuggyCLIBackbone"
+    with pytest.raises(ValueError, match=r"too many values to unpack") as raised:
+        main(args)
+    assert raised.traceback[-1].path.name == "cli_tiny_backbone.py"  # where the bug is
+    assert user_error_message(raised.value) is None
+
+
+def test_errors_raised_by_transfer_lit_and_lightning_stay_user_errors(images: Path) -> None:
+    from transfer_lit import ImageDataModule
+
+    with pytest.raises(ValueError) as ours:
+        ImageDataModule(root=str(images), batch_size=0)
+    assert user_error_message(ours.value) == "data.batch_size must be a positive integer, got 0"
+    assert user_error_message(ValueError("not raised anywhere")) is None  # no traceback: nobody's input

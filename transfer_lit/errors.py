@@ -1,14 +1,19 @@
 """What counts as a user error: the CLI shows its message in one line (no traceback) and exits with 2.
 
-Errors of these types, raised in the main process or in a DataLoader worker (which re-raises them as
-``Caught <Name> in DataLoader worker process <i>``), are reported as the user's input being wrong.
-Everything else keeps its traceback. ``--debug`` shows the traceback of a user error too.
+An error of these types is about the user's input when transfer_lit or Lightning raised it (its innermost
+frame is in one of the two packages: what they raise of these types is about arguments, paths and
+configuration), in the main process or in a DataLoader worker
+(which re-raises it as ``Caught <Name> in DataLoader worker process <i>``). The same types raised elsewhere
+(a bug in the user's own backbone or module, in torch) keep their traceback, as does everything else.
+``--debug`` shows the traceback of a user error too.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import lightning
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 #: Errors caused by the user's input: the CLI prints the message (no traceback) and exits with 2.
@@ -20,6 +25,21 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 #: Original Traceback ...", re-raised as <Name>(that text) or, when <Name> needs other arguments, RuntimeError.
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
 _WORKER_USER_ERRORS = {"BadImageError"} | {e.__name__ for e in USER_ERRORS}
+_PACKAGES = (Path(__file__).resolve().parent, Path(lightning.__file__).resolve().parent)
+_WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
+
+
+def _ours(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(package) for package in _PACKAGES)
+
+
+def raised_by_transfer_lit(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is in transfer_lit or Lightning (not in user code)."""
+    traceback, last = error.__traceback__, None
+    while traceback is not None:
+        last, traceback = traceback, traceback.tb_next
+    return last is not None and _ours(last.tb_frame.f_code.co_filename)
 
 
 def user_error_message(error: BaseException) -> str | None:
@@ -28,7 +48,10 @@ def user_error_message(error: BaseException) -> str | None:
     if worker is not None:
         name = worker.group(1)
         original = re.search(rf"\n(?:[\w.]+\.)?{name}: (.*?)\s*\Z", str(error), re.DOTALL)
-        return original.group(1) if name in _WORKER_USER_ERRORS and original else None
-    if isinstance(error, USER_ERRORS):
+        frames = _WORKER_FRAME.findall(str(error))
+        ours = bool(frames) and _ours(frames[-1])
+        return original.group(1) if name in _WORKER_USER_ERRORS and original and ours else None
+    if isinstance(error, MisconfigurationException) or (isinstance(error, USER_ERRORS)
+                                                         and raised_by_transfer_lit(error)):
         return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
     return None
