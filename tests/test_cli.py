@@ -229,13 +229,18 @@ def test_with_checkpoint_model_puts_the_checkpoint_first_and_leaves_other_comman
         assert with_checkpoint_model(unchanged) == unchanged
 
 
-def test_with_checkpoint_model_leaves_files_it_cannot_use_to_lightning(tmp_path: Path) -> None:
-    text, odd = tmp_path / "notes.ckpt", tmp_path / "odd.ckpt"
-    text.write_text("not a checkpoint")
+def test_with_checkpoint_model_leaves_hyperparameters_it_cannot_use_and_names_unreadable_files(
+        tmp_path: Path) -> None:
+    odd, plain = tmp_path / "odd.ckpt", tmp_path / "plain.ckpt"
     torch.save({"hyper_parameters": {"backbone": b"bytes are not JSON"}}, odd)
-    for path in (text, odd):
+    torch.save([1, 2, 3], plain)  # a torch file, but not a checkpoint: Lightning says so later
+    for path in (odd, plain):
         argv = ["predict", "--ckpt_path", str(path)]
         assert with_checkpoint_model(argv) == argv
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"--ckpt_path='.*notes\.ckpt' is not a readable torch file \(16 bytes\)"):
+        with_checkpoint_model(["predict", "--ckpt_path", str(text)])
 
 
 @pytest.mark.parametrize("command", ["test", "validate"])

@@ -330,3 +330,43 @@ def test_errors_raised_by_transfer_lit_and_lightning_stay_user_errors(images: Pa
         ImageDataModule(root=str(images), batch_size=0)
     assert user_error_message(ours.value) == "data.batch_size must be a positive integer, got 0"
     assert user_error_message(ValueError("not raised anywhere")) is None  # no traceback: nobody's input
+
+
+class _Payload:
+    def __reduce__(self) -> tuple:
+        return (print, ("this must never run",))
+
+
+@pytest.fixture
+def broken_files(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(3)}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    pickled = tmp_path / "objects.pth"
+    torch.save({"w": _Payload()}, pickled)
+    return {"truncated": truncated, "pickled": pickled}
+
+
+def test_a_truncated_or_object_holding_weights_file_is_named_and_nothing_runs(
+        broken_files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from transfer_lit import TorchvisionBackbone
+
+    with pytest.raises(ValueError, match=r"model\.backbone\.weights='.*truncated\.ckpt' is not a readable torch file "
+                                         r"\([\d,]+ bytes\): truncated"):
+        TorchvisionBackbone("resnet18", weights=str(broken_files["truncated"]))
+    with pytest.raises(ValueError, match=r"objects\.pth' was refused: it holds pickled Python objects.*nothing in it "
+                                         r"was executed"):
+        TorchvisionBackbone("resnet18", weights=str(broken_files["pickled"]))
+    assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["test", "predict", "fit"])
+def test_a_truncated_checkpoint_gets_one_clear_message(command: str, broken_files: dict[str, Path], images: Path,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = fit_args(images, tmp_path / "run", "--ckpt_path", str(broken_files["truncated"]))
+    args[0] = command
+    if command == "predict":
+        args = [command, "--ckpt_path", str(broken_files["truncated"]), "--data.predict_root", str(images)]
+    message = cli_error(args, capsys)
+    assert "--ckpt_path=" in message and "truncated.ckpt' is not a readable torch file" in message

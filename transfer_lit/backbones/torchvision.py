@@ -17,6 +17,7 @@ from torchvision.models import WeightsEnum
 
 from transfer_lit.backbones.base import Backbone, BlockSpec
 from transfer_lit.backbones.weights import WeightsNotAvailableError, is_path, local_file, online, suggest
+from transfer_lit.checkpoints.io import load_torch_file
 from transfer_lit.preprocessing import ImagePreprocessing, preprocessing_from_torchvision
 
 _HASH_IN_FILENAME = re.compile(r"-([a-f0-9]+)\.")
@@ -140,7 +141,7 @@ def _strip_classifier(model: nn.Module) -> int:
 
 
 def _load_local_state(model: nn.Module, path: Path) -> None:
-    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    state: Any = load_torch_file(path, "model.backbone.weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

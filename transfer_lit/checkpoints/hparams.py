@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from transfer_lit.checkpoints.io import load_torch_file
 
 
 def with_checkpoint_model(argv: list[str]) -> list[str]:
@@ -17,10 +17,9 @@ def with_checkpoint_model(argv: list[str]) -> list[str]:
         path = argv[argv.index("--ckpt_path") + 1]
     if not commands or path is None or not Path(path).is_file():
         return argv
-    try:  # mmap: only the hyperparameters are read, not gigabytes of weights
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    except Exception:  # not a checkpoint: Lightning reports it with its own message later
-        return argv
+    # mmap: only the hyperparameters are read, not gigabytes of weights; an unreadable file is reported here, at once
+    loaded = load_torch_file(path, "--ckpt_path", mmap=True)
+    hparams = (loaded.get("hyper_parameters") if isinstance(loaded, dict) else None) or {}
     model = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if not model or "_class_path" in hparams:  # saved outside this CLI's model class
         return argv

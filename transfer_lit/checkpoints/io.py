@@ -11,6 +11,8 @@ within one filesystem), then fsyncs the folder so the rename itself survives a p
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,25 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 TEMP_SUFFIX = ".tmp"
+
+
+def load_torch_file(path: _PATH, key: str, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)``, with one clear ``ValueError`` naming ``key`` and the file when it
+    is truncated, not a torch file, or holds pickled Python objects (refused: weights-only loading runs none)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{key}={str(path)!r} was refused: it holds pickled Python objects other than tensors and "
+                         f"plain containers, and is loaded with weights_only=True, so nothing in it was executed; "
+                         f"save a state dict (torch.save(model.state_dict(), ...)) or a Lightning checkpoint "
+                         f"({str(error).splitlines()[-1][:160]})") from None
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        raise ValueError(f"{key}={str(path)!r} is not a readable torch file ({size:,} bytes): truncated (a copy or "
+                         f"download cut short) or another format ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:120]})") from None
 
 
 def temp_path(path: Path) -> Path:
@@ -86,6 +107,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``checkpoint_io``, so passing this as a Trainer plugin covers them all. Remote paths (``s3://`` ...) keep
     Lightning's behaviour: object stores replace whole objects anyway.
     """
+
+    @override
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        """As Lightning's, but a truncated, foreign or object-holding local checkpoint gets one clear error."""
+        if type(get_filesystem(path)).__name__ != "LocalFileSystem" or weights_only is False:
+            return super().load_checkpoint(path, map_location, weights_only)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--ckpt_path={str(path)!r}: no such checkpoint file")
+        return load_torch_file(path, "--ckpt_path", map_location if map_location is not None else "cpu")
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
