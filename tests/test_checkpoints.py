@@ -78,3 +78,43 @@ def test_load_from_checkpoint_takes_the_checkpoints_own_class_names(checkpoint: 
     path = checkpoint.with_name("names_in_state_only.ckpt")
     torch.save(saved, path)
     assert TransferModule.load_from_checkpoint(path, backbone=TinyBackbone()).class_names == NAMES
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs "
+                                                  "0; PytorchStreamWriter failed writing file data/0: file write "
+                                                  "failed")])
+def test_a_full_disk_names_the_file_keeps_the_last_good_one_and_leaves_no_partial_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
+    from transfer_lit.checkpoints import AtomicCheckpointIO
+    from transfer_lit.errors import StorageError, user_error_message
+
+    path = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+
+    def full(obj: object, f: object) -> None:
+        f.write(b"partial")  # type: ignore[attr-defined]
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(StorageError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    message = user_error_message(raised.value)
+    assert message is not None and "last.ckpt" in message and "GiB free" in message
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the last good checkpoint
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial temp file
+
+
+def test_an_unwritable_predictions_file_is_one_clear_error_before_predicting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transfer_lit import CSVPredictionWriter
+    from transfer_lit.errors import StorageError
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", refuse)
+    writer = CSVPredictionWriter(str(tmp_path / "out" / "predictions.csv"))
+    with pytest.raises(StorageError, match=r"cannot write '.*predictions\.csv': Permission denied; .*GiB free"):
+        writer.on_predict_start(Trainer(logger=False, enable_checkpointing=False), None)  # type: ignore[arg-type]

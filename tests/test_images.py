@@ -407,3 +407,10 @@ def test_a_users_on_after_batch_transfer_runs_and_sees_normalized_images(image_f
     _trainer().fit(module, datamodule=dm)
     assert owner.seen and all(dtype == torch.float32 for dtype, _ in owner.seen)  # type: ignore[union-attr]
     assert min(low for _, low in owner.seen) < 0  # type: ignore[union-attr]  # normalized: (0 - 0.5) / 0.25 = -2
+
+
+def test_multilabel_with_one_label_per_image_is_refused_before_training(image_folder: Path) -> None:
+    data = ImageDataModule(root=str(image_folder), batch_size=4, num_workers=0)
+    model = TransferModule(TinyBackbone(), num_classes=3, task="multilabel")
+    with pytest.raises(ValueError, match=r"model\.task='multilabel' needs several labels per image"):
+        _trainer().fit(model, datamodule=data)

@@ -11,13 +11,32 @@ configuration), in the main process or in a DataLoader worker
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import lightning
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+
+class StorageError(OSError):
+    """A file could not be written where the run was told to write it (disk full, read-only, no permission)."""
+
+
+def storage_error(path: object, error: OSError) -> StorageError:
+    """:class:`StorageError` naming ``path``, what the system said, and the free space of its filesystem."""
+    folder = Path(str(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**30:.2f} GiB free on {folder}'s filesystem"
+    except OSError:
+        free = ""
+    return StorageError(error.errno, f"cannot write {str(path)!r}: {error.strerror or error}{free}; choose another "
+                                     f"folder (trainer.default_root_dir) or free some space")
+
+
 #: Errors caused by the user's input: the CLI prints the message (no traceback) and exits with 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
+USER_ERRORS: tuple[type[BaseException], ...] = (StorageError,
     ValueError, KeyError, FileNotFoundError, NotADirectoryError, TypeError, FloatingPointError,
     MisconfigurationException,
 )
@@ -51,6 +70,8 @@ def user_error_message(error: BaseException) -> str | None:
         frames = _WORKER_FRAME.findall(str(error))
         ours = bool(frames) and _ours(frames[-1])
         return original.group(1) if name in _WORKER_USER_ERRORS and original and ours else None
+    if isinstance(error, StorageError):
+        return error.strerror or str(error)
     if isinstance(error, MisconfigurationException) or (isinstance(error, USER_ERRORS)
                                                          and raised_by_transfer_lit(error)):
         return str(error.args[0] if isinstance(error, KeyError) and error.args else error)

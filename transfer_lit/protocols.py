@@ -40,6 +40,7 @@ class Classifier(Protocol):
 
     class_names: list[str]
     num_classes: int
+    task: str
 
 
 @runtime_checkable

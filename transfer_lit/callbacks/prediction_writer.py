@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from transfer_lit.errors import storage_error
 from transfer_lit.protocols import Classifier
 
 
@@ -31,9 +32,12 @@ class CSVPredictionWriter(BasePredictionWriter):
         path = Path(self.output)
         if trainer.global_rank > 0:
             path = path.with_suffix(f".rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            csv.writer(f).writerow(["file", "prediction", "probability"])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(["file", "prediction", "probability"])
+        except OSError as error:  # read-only folder, no permission, full disk: before any prediction is made
+            raise storage_error(path, error) from error
         self._path = path
 
     @override

@@ -10,6 +10,7 @@ within one filesystem), then fsyncs the folder so the rename itself survives a p
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -22,7 +23,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from transfer_lit.errors import storage_error
+
 TEMP_SUFFIX = ".tmp"
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def load_torch_file(path: _PATH, key: str, map_location: Any = "cpu", **kwargs: Any) -> Any:
@@ -84,17 +88,21 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace`` it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent)
     temp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent)
         with temp.open("wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
+    except BaseException as error:
+        temp.unlink(missing_ok=True)  # the previous file, if any, is untouched
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            raise storage_error(path, error) from error
+        if isinstance(error, RuntimeError) and "write failed" in str(error):  # torch's zip writer on a full disk
+            raise storage_error(path, OSError(errno.EIO, "the write failed (is the disk full?)")) from error
         raise
     _fsync_dir(path.parent)
 

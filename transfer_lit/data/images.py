@@ -41,7 +41,7 @@ from transfer_lit.preprocessing import (
     build_train_transform,
     normalize_images,
 )
-from transfer_lit.protocols import FeatureCacheable, HasPreprocessing
+from transfer_lit.protocols import Classifier, FeatureCacheable, HasPreprocessing
 
 
 class ImageDataModule(LightningDataModule):
@@ -199,6 +199,10 @@ class ImageDataModule(LightningDataModule):
             raise ValueError(f"no {split} data: add {split}/ under data.root or set data.{split}_csv")
         p = self.resolved_preprocessing()
         module = self.trainer.lightning_module if self.trainer is not None else None
+        if isinstance(module, Classifier) and module.task == "multilabel":
+            raise ValueError("model.task='multilabel' needs several labels per image, but ImageDataModule reads one "
+                             "per image (class folders, or path,label CSV files); use model.task 'multiclass' (or "
+                             "'binary' for two classes), or a data module of your own for multi-label data")
         cached = resolve_cache_features(self.cache_features, module, split, self.augment)
         normalize = cached or not self.normalize_on_device  # feature extraction feeds the backbone itself
         transform = (build_train_transform(p, self.augment, normalize) if train and not cached
