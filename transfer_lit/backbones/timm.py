@@ -237,9 +237,15 @@ class TimmBackbone(Backbone):
         args = {"input_size": (3, *((size, size) if isinstance(size, int) else size))} if size else {}
         config = import_timm().data.resolve_data_config(args, model=self.model)
         self.preprocessing: ImagePreprocessing | None = preprocessing_from_timm(config, name)
-        self.block_params()  # a model whose groups cannot be read fails here, not when the optimizer is built
+        # Read once (block_names / block_modules ask for them every epoch); a model whose groups cannot be read
+        # fails here, not when the optimizer is built.
+        self._specs = self._group_specs()
+        self.block_params()
 
     def block_specs(self) -> list[BlockSpec]:
+        return list(self._specs)
+
+    def _group_specs(self) -> list[BlockSpec]:
         if not callable(getattr(self.model, "group_matcher", None)):  # PiT, MetaFormer: the top-level children
             children = [(n, (f"model.{n}",)) for n, c in self.model.named_children()
                         if any(True for _ in c.parameters())]

@@ -26,6 +26,7 @@ class FrozenBlocks:
 
     def __init__(self, backbone: Backbone, bn_policy: BNPolicy) -> None:
         self.backbone, self.bn_policy = backbone, bn_policy
+        self.names = backbone.block_names()  # read once: write_gates runs every step of a warm-up
         self.strategy = FreezingStrategy()  # one process until the module's setup knows the trainer's strategy
         self.blocks: set[str] = set()
         self.gates: dict[str, float] = {}
@@ -37,10 +38,9 @@ class FrozenBlocks:
             KeyError: naming the unknown blocks and the valid ones.
         """
         blocks = set(blocks)
-        names = self.backbone.block_names()
-        unknown = blocks - set(names)
+        unknown = blocks - set(self.names)
         if unknown:
-            raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {names}")
+            raise KeyError(f"unknown backbone block(s) {sorted(unknown)}; valid blocks are {self.names}")
         thawed_now = self.blocks - blocks
         for block in thawed_now | (blocks - self.blocks):  # a block that changes state starts a new warm-up
             self.gates.pop(block, None)
@@ -65,7 +65,7 @@ class FrozenBlocks:
         """Write every block's gate into ``optimizer``'s groups (nothing before the optimizer exists)."""
         if optimizer is None:
             return
-        for block in self.backbone.block_names():
+        for block in self.names:
             set_gate(optimizer, f"backbone.{block}", 0.0 if block in self.blocks else self.gates.get(block, 1.0))
 
     def set_batchnorm_modes(self, whole_backbone: bool = False) -> None:
