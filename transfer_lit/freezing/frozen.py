@@ -54,18 +54,19 @@ class FrozenBlocks:
     def set_gates(self, gates: Mapping[str, float], optimizer: torch.optim.Optimizer | None) -> None:
         """Warm-up gates of thawed blocks (frozen blocks stay at 0 whatever is given)."""
         self.gates.update(gates)
-        self.write_gates(optimizer)
+        self.write_gates(optimizer, gates)  # only these: a warm-up calls this every step
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """A new optimizer: no warm-up carried over from an earlier one; every block's gate written into it."""
         self.gates.clear()
         self.write_gates(optimizer)
 
-    def write_gates(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Write every block's gate into ``optimizer``'s groups (nothing before the optimizer exists)."""
+    def write_gates(self, optimizer: torch.optim.Optimizer | None, blocks: Iterable[str] | None = None) -> None:
+        """Write the gate of ``blocks`` (default: every block) into ``optimizer``'s groups (nothing before the
+        optimizer exists)."""
         if optimizer is None:
             return
-        for block in self.names:
+        for block in self.names if blocks is None else blocks:
             set_gate(optimizer, f"backbone.{block}", 0.0 if block in self.blocks else self.gates.get(block, 1.0))
 
     def set_batchnorm_modes(self, whole_backbone: bool = False) -> None:
