@@ -1,7 +1,7 @@
 """Freezing: what a frozen block is (:mod:`.blocks`), the LR gate (:mod:`.gates`) and one object per training
 strategy that owns every strategy-specific step (:mod:`.strategies`)."""
 
-from transfer_lit.freezing.blocks import BN_POLICIES, BNPolicy, batchnorms, set_batchnorm_modes, set_requires_grad
+from transfer_lit.freezing.blocks import BNPolicy, batchnorms, set_batchnorm_modes, set_requires_grad
 from transfer_lit.freezing.frozen import FrozenBlocks
 from transfer_lit.freezing.gates import group_by_name, install_lr_gate, set_gate
 from transfer_lit.freezing.hooks import FreezingHooks
@@ -16,7 +16,6 @@ from transfer_lit.freezing.strategies import (
 )
 
 __all__ = [
-    "BN_POLICIES",
     "BNPolicy",
     "DDPFreezing",
     "DeepSpeedFreezing",

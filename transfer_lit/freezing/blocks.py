@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, get_args
+from typing import Literal
 
 from torch import nn
 
 from transfer_lit.backbones.base import Backbone
 
 BNPolicy = Literal["train", "eval", "frozen"]
-BN_POLICIES: tuple[str, ...] = get_args(BNPolicy)
 BN_TYPES = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
