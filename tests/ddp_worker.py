@@ -1,6 +1,6 @@
 """Two-process CPU (gloo) runs through a Lightning Trainer, for tests/test_ddp.py.
 
-    python tests/ddp_worker.py OUT_DIR [ddp|union]
+    python tests/ddp_worker.py OUT_DIR [ddp|union|text MODEL_DIR TRAIN_TSV]
 
 Lightning's launcher re-runs this script for rank 1. ``ddp``: the data differ per rank (the sampler
 Lightning injects shards them), the backbone is thawed mid-training (block2 at epoch 1, block1 at epoch 2,
@@ -8,7 +8,8 @@ the stem stays frozen) and an LRFinder sweep runs first. Each rank saves ``OUT_D
 initial and final state dict, the parameters with optimizer state (and its largest value), its
 ``lr_scale`` and a checksum of the batches it saw. ``union``: the same thaws on a BatchNorm-free MLP with
 SGD, saving the final state dict, to compare against one process trained on the union of the two ranks'
-batches (:func:`union_run`).
+batches (:func:`union_run`). ``text``: a tiny BERT (``MODEL_DIR``) thawed the same way on length-bucketed
+text batches (``TRAIN_TSV``), saving the final state dict and a checksum of the token ids each rank saw.
 """
 
 from __future__ import annotations
@@ -84,7 +85,34 @@ def union_run(devices: int, epochs: int = 3) -> TransferModule:
     return model
 
 
+def text_run(out: Path, model_dir: str, train: str) -> None:
+    from transfer_lit import HFTextBackbone, TextDataModule
+
+    torch.set_num_threads(1)
+    seed_everything(0)
+    data = TextDataModule(train_csv=train, batch_size=4, val_fraction=0.25)
+    model = TransferModule(HFTextBackbone(model_dir), num_classes=2, mode="progressive", lr=3e-3, backbone_lr_mult=1.0)
+    seen: list[float] = []
+
+    class TokenChecksum(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            seen.append(float(batch[0]["input_ids"].double().sum()))
+
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ProgressiveUnfreezing(schedule={1: "layer.1", 2: "all"}, warmup_steps=2), TokenChecksum()],
+    )
+    trainer.fit(model, data)
+    final = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    torch.save({"final": final, "frozen": sorted(model.frozen_blocks), "data": seen, "world_size": trainer.world_size},
+               out / f"rank{trainer.global_rank}.pt")
+
+
 def main(out: Path, strategy: str) -> None:
+    if strategy == "text":
+        text_run(out, sys.argv[3], sys.argv[4])
+        return
     if strategy == "union":
         model = union_run(devices=2)
         final = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}

@@ -81,10 +81,25 @@ def test_fit_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model.mode", "linear_probe", "progressive", "--model.backbone", "--model.lr",
-                   "--model.backbone_lr_mult", "--model.preprocessing", "--data.root", "--data.samples_per_class",
-                   "--data.bad_images", "--prediction_writer.output", "--trainer.max_epochs"):
+                   "--model.backbone_lr_mult", "--model.preprocessing", "--data CONFIG | CLASS_PATH_OR_NAME",
+                   "--prediction_writer.output", "--trainer.max_epochs"):
         assert option in out, option
     assert "--model.num_classes" not in out, "the number of classes is linked from the data"
+
+
+@pytest.mark.parametrize(("data", "options"), [
+    ("ImageDataModule", ("--data.root", "--data.samples_per_class", "--data.bad_images")),
+    ("TextDataModule", ("--data.train_csv", "--data.text_column", "--data.label_column", "--data.bucket_by_length")),
+])
+def test_each_data_module_lists_its_options(data: str, options: tuple[str, ...],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """As in any LightningCLI in subclass mode: ``--data.help <class>`` lists a data module's options."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.help", data])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in options:
+        assert option in out, option
 
 
 # ----------------------------------------------------------------- user errors: exit 2, one paragraph

@@ -9,12 +9,15 @@ import pytest
 import torch
 import yaml
 from conftest import COLORS, make_image_folder
+from lightning.pytorch import LightningDataModule
 
 from transfer_lit import ImageDataModule, Preprocessing, TransferModule
-from transfer_lit.cli import TransferCLI, main
+from transfer_lit.cli import TransferCLI, build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
+TEXT_RECIPES = [r for r in RECIPES if r.stem.startswith("text_")]
+IMAGE_RECIPES = [r for r in RECIPES if r not in TEXT_RECIPES]
 DEBUG = CONFIGS / "debug.yaml"
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -35,13 +38,13 @@ class ModelOnlyCLI(TransferCLI):
 
 
 def _backbone_name(recipe: Path) -> str:
-    return yaml.safe_load(recipe.read_text())["model"]["backbone"]["init_args"]["name"]
+    return yaml.safe_load(recipe.read_text())["model"]["backbone"]["init_args"].get("name", "")
 
 
 # Random init of these takes minutes on a CPU; their configs are still parsed by test_recipe_parses.
 HUGE = {"vit_l_16", "vit_l_32", "vit_h_14", "regnet_y_128gf"}
 BUILDABLE = [pytest.param(r, id=r.stem, marks=[pytest.mark.slow] if _backbone_name(r) in HUGE else [])
-             for r in RECIPES]
+             for r in IMAGE_RECIPES]
 
 
 def test_recipes_exist() -> None:
@@ -53,13 +56,43 @@ def test_recipes_exist() -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses(recipe: Path) -> None:
-    cli = ParseOnlyCLI(TransferModule, ImageDataModule, run=False, args=["--config", str(recipe)])
+    # As transfer-lit parses them: `data` in subclass mode, images when the recipe names no class.
+    cli = ParseOnlyCLI(TransferModule, LightningDataModule, subclass_mode_data=True, run=False,
+                       args=["--config", str(recipe)])
     raw = yaml.safe_load(recipe.read_text())
     config = cli.config
     assert config.model.backbone.class_path == raw["model"]["backbone"]["class_path"]
     assert config.model.mode == raw["model"].get("mode", "finetune")
     assert "num_classes" not in raw["model"], "the number of classes comes from the data"
     assert config.trainer.max_epochs == raw["trainer"]["max_epochs"]
+    expected = "transfer_lit.TextDataModule" if recipe in TEXT_RECIPES else "transfer_lit.ImageDataModule"
+    assert config.data.class_path == expected
+
+
+@pytest.mark.parametrize("recipe", TEXT_RECIPES, ids=lambda p: p.stem)
+def test_text_recipe_trains_for_real_with_its_schedule_sized_from_the_run(
+        recipe: Path, tmp_path: Path, sentiment_files: dict[str, Path], one_thread: None) -> None:
+    pytest.importorskip("transformers")
+    from conftest import make_text_model
+
+    from transfer_lit.schedulers import WarmupDecay
+
+    model = make_text_model(tmp_path / "tiny-bert", sentence_transformers=True, layers=6)  # MiniLM's six layers
+    args = ["fit", "--config", str(recipe), "--model.backbone.init_args.model", str(model), "--data.train_csv",
+            str(sentiment_files["train"]), "--data.val_csv", str(sentiment_files["val"]), "--trainer.accelerator",
+            "cpu", "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--data.batch_size", "8"]
+    cli = build_cli(args)
+    raw = yaml.safe_load(recipe.read_text())
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, WarmupDecay)
+    expected = (raw["trainer"]["max_epochs"] * 6 if raw["model"].get("scheduler_interval") == "step"
+                else raw["trainer"]["max_epochs"])  # 48 texts / 8 per batch = 6 steps per epoch
+    assert scheduler.total_steps == expected and scheduler.last_epoch == expected
+    assert all(lr == pytest.approx(0.0, abs=1e-12) for lr in scheduler.get_last_lr())  # decayed to the end
+    assert cli.model.mode == raw["model"]["mode"] and cli.model.frozen_blocks == (
+        set(cli.model.backbone.block_names()) if raw["model"]["mode"] == "linear_probe" else set())
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
 
 
 @pytest.mark.parametrize("recipe", BUILDABLE)
@@ -139,9 +172,10 @@ def test_debug_recipe_fit_test_predict(tmp_path: Path, capsys: pytest.CaptureFix
 
     with output.open(newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["file", "prediction", "probability"]
+    assert rows[0] == ["file", "prediction", "probability", *(f"p_{c}" for c in sorted(COLORS))]
     images = sorted(str(p) for p in (root / "test").rglob("*.png"))
     assert sorted(r[0] for r in rows[1:]) == images
-    for _, prediction, probability in rows[1:]:
+    for _, prediction, probability, *every in rows[1:]:
+        assert abs(sum(map(float, every)) - 1) < 1e-4 and float(probability) == max(map(float, every))
         assert prediction in COLORS
         assert 1 / 3 <= float(probability) <= 1  # the top class of a 3-way softmax

@@ -24,11 +24,11 @@ TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "configs"
 
 
-def _run_worker(out: Path, mode: str) -> list[dict]:
+def _run_worker(out: Path, mode: str, *extra: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(out), mode], env=env, cwd=TESTS.parent,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(out), mode, *extra], env=env,
+                          cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
@@ -48,6 +48,21 @@ def test_two_ranks_train_what_one_process_trains_on_the_union_of_their_batches(t
     for rank in ranks:
         worst = max(float((rank["final"][n] - t).abs().max()) for n, t in expected.items())
         assert worst < 1e-6, worst
+
+
+def test_text_ranks_are_identical_after_thaws_on_their_own_length_buckets(tmp_path: Path) -> None:
+    """The image guarantee for text: a progressive run of a tiny BERT on length-bucketed batches, sharded by the
+    sampler itself (Lightning does not wrap it), ends with every parameter equal on both ranks."""
+    pytest.importorskip("transformers")
+    from conftest import make_sentiment_rows, make_text_model, write_tsv
+
+    model = make_text_model(tmp_path / "tiny-bert")
+    train = write_tsv(tmp_path / "train.tsv", make_sentiment_rows(64))
+    first, second = _run_worker(tmp_path, "text", str(model), str(train))
+    assert first["world_size"] == 2 and first["frozen"] == second["frozen"] == []
+    assert first["data"] != second["data"] and len(first["data"]) == len(second["data"])
+    for name, tensor in first["final"].items():
+        assert torch.equal(tensor, second["final"][name]), name
 
 
 def test_ranks_saw_different_data(ranks: list[dict]) -> None:

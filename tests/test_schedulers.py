@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, Trainer
 from transfer_lit import ImageDataModule, TransferModule
 from transfer_lit.cli import TransferCLI
 from transfer_lit.param_groups import build_param_groups
-from transfer_lit.schedulers import LinearWarmup, OneCycleLR
+from transfer_lit.schedulers import LinearWarmup, OneCycleLR, WarmupDecay
 
 STEPS_PER_EPOCH, EPOCHS, WARMUP = 3, 3, 2
 THAW_STEP = {"head": -WARMUP, "backbone.block2": 3, "backbone.block1": 6, "backbone.stem": 6}
@@ -65,6 +65,9 @@ SCHEDULERS = {
     "one_cycle": ("step", """
     class_path: transfer_lit.schedulers.OneCycleLR
     init_args: {total_steps: 9, max_lr_factor: 2.0}"""),
+    "warmup_decay": ("step", """
+    class_path: transfer_lit.schedulers.WarmupDecay
+    init_args: {warmup: 3}"""),  # no total_steps: sized from the trainer (9 optimizer steps)
     "cosine": ("epoch", """
     class_path: torch.optim.lr_scheduler.CosineAnnealingLR
     init_args: {T_max: 3}"""),
@@ -95,6 +98,8 @@ def expected_factor(name: str, step: int) -> float:
         return LinearWarmup(4)(step)
     if name == "one_cycle":
         return one_cycle_factors()[step]
+    if name == "warmup_decay":  # 3 warm-up steps of 9, then linear to 0
+        return (step + 1) / 4 if step < 3 else 1 - (step - 3) / 6
     if name == "cosine":
         return (1 + math.cos(math.pi * epoch / 3)) / 2
     return 0.5**epoch
@@ -171,3 +176,20 @@ def test_linear_warmup() -> None:
     assert LinearWarmup(0)(0) == 1.0
     with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
         LinearWarmup(-1)
+
+
+def test_warmup_decay_shapes_and_bad_values() -> None:
+    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0},
+                                 {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    scheduler = WarmupDecay(optimizer, warmup=0.2, decay="cosine", final_factor=0.1, total_steps=10)
+    factors = [scheduler.factor(s) for s in range(11)]
+    assert factors[:2] == pytest.approx([1 / 3, 2 / 3]) and factors[2] == pytest.approx(1.0)
+    assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5) and factors[10] == pytest.approx(0.1)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1 / 3, 0.1 / 3])  # each group its own
+    unsized = WarmupDecay(optimizer, warmup=2)
+    unsized.set_total_steps(4)
+    assert unsized.total_steps == 4 and unsized.factor(3) == pytest.approx(0.5)
+    for kwargs, pattern in (({"warmup": -1}, "warmup must be >= 0"), ({"decay": "step"}, "decay must be"),
+                            ({"final_factor": 2.0}, r"final_factor must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=pattern):
+            WarmupDecay(optimizer, **kwargs)  # type: ignore[arg-type]

@@ -3,10 +3,16 @@
 ``TimmBackbone`` is imported on first use (``transfer_lit.TimmBackbone``): timm is an optional extra.
 """
 
-from transfer_lit.backbones import Backbone, ModuleBackbone, TorchvisionBackbone, WeightsNotAvailableError
+from transfer_lit.backbones import (
+    Backbone,
+    HFTextBackbone,
+    ModuleBackbone,
+    TorchvisionBackbone,
+    WeightsNotAvailableError,
+)
 from transfer_lit.callbacks import CSVPredictionWriter, FaultTolerance, ProgressiveUnfreezing
 from transfer_lit.checkpoints import AtomicCheckpointIO
-from transfer_lit.data import BadImageError, ImageDataModule, load_image
+from transfer_lit.data import BadImageError, ImageDataModule, TextDataModule, load_image
 from transfer_lit.finite_check import NonFiniteLossError
 from transfer_lit.freezing import DDPFreezing, DeepSpeedFreezing, FreezingStrategy, GateOnlyFreezing
 from transfer_lit.heads import LinearHead, MLPHead
@@ -15,6 +21,7 @@ from transfer_lit.module import TransferModule
 from transfer_lit.preprocessing import (
     ImagePreprocessing,
     Preprocessing,
+    TextPreprocessing,
     build_eval_transform,
     build_train_transform,
     normalize_images,
@@ -42,6 +49,7 @@ __all__ = [
     "FaultTolerance",
     "FreezingStrategy",
     "GateOnlyFreezing",
+    "HFTextBackbone",
     "ImageDataModule",
     "ImagePreprocessing",
     "LRFinder",
@@ -51,6 +59,8 @@ __all__ = [
     "NonFiniteLossError",
     "Preprocessing",
     "ProgressiveUnfreezing",
+    "TextDataModule",
+    "TextPreprocessing",
     "TorchvisionBackbone",
     "TransferModule",
     "WeightsNotAvailableError",

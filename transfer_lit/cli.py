@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -25,17 +26,20 @@ from transfer_lit.checkpoints import (
     resume_command,
     with_checkpoint_model,
 )
-from transfer_lit.data import ImageDataModule
-from transfer_lit.errors import user_error_message
+from transfer_lit.errors import unwrapped, user_error_message
 from transfer_lit.module import TransferModule
 from transfer_lit.speed import apply_gpu_defaults, keep_freed_memory, native_bf16, prefer_tf32
 
+#: The data module of each modality: ``--data`` defaults to images; a text checkpoint's ``predict`` to text.
+DATA_CLASSES = {"image": "transfer_lit.ImageDataModule", "text": "transfer_lit.TextDataModule"}
+
 
 class TransferCLI(LightningCLI):
-    """LightningCLI for :class:`TransferModule` and :class:`ImageDataModule`.
+    """LightningCLI for :class:`TransferModule` and any data module (``transfer-lit`` runs it in subclass mode:
+    ``--data transfer_lit.TextDataModule``; :class:`ImageDataModule` when the recipe names none).
 
     The number and names of the classes flow from the data to the model; the preprocessing flows
-    from the backbone's weights to the data at run time (``ImageDataModule.resolved_preprocessing``).
+    from the backbone's weights to the data at run time (``resolved_preprocessing`` of the data modules).
     """
 
     @override
@@ -46,7 +50,7 @@ class TransferCLI(LightningCLI):
         if args is not None and not isinstance(args, list):  # a dict or a Namespace: nothing to extend
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
-        self.config = parser.parse_args(with_checkpoint_model(argv))
+        self.config = parser.parse_args(with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None))
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -55,6 +59,8 @@ class TransferCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", compute_fn=self._or_checkpoint("class_names"),
                               apply_on="instantiate")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
+        if self.subclass_mode_data:  # `--data` picks the data module; images when the recipe names none
+            parser.set_defaults({"data": {"class_path": DATA_CLASSES["image"]}})
 
     def _or_checkpoint(self, key: str) -> Callable[[Any], Any]:
         """Link value: the data's classes, or the ``--ckpt_path`` checkpoint's when the data has none
@@ -121,6 +127,34 @@ class TransferCLI(LightningCLI):
         self._resolve_last_checkpoint()
 
 
+def build_cli(args: list[str] | None, fault_tolerance: FaultTolerance | None = None, run: bool = True) -> TransferCLI:
+    """The ``transfer-lit`` CLI with its defaults (checkpoints, LR monitor, atomic writes), run on ``args``.
+
+    ``main`` adds error reporting and signal handling; benchmarks and notebooks use this to keep the objects.
+    """
+    return TransferCLI(
+        TransferModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "callbacks": [
+                ModelCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}-{val_acc:.4f}"),
+                # last.ckpt after every epoch: since Lightning 2.6, save_last=True on a monitoring
+                # ModelCheckpoint only refreshes it when the monitored metric improves.
+                ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
+                LearningRateMonitor(logging_interval="epoch"),
+                fault_tolerance or FaultTolerance(),
+            ],
+            # Every checkpoint write goes to a temp file + fsync + os.replace: a kill never corrupts last.ckpt.
+            "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
+        },
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``transfer-lit`` and ``python -m transfer_lit``.
 
@@ -134,26 +168,8 @@ def main(args: list[str] | None = None) -> None:
     fault_tolerance = FaultTolerance()
     restore_tf32 = prefer_tf32(False)  # the CLI may switch TF32 on for CUDA: put the process setting back after
     try:
-        TransferCLI(
-            TransferModule,
-            ImageDataModule,
-            # None when argv is the command line itself: LightningCLI warns when given both.
-            args=None if argv == sys.argv[1:] else argv,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "callbacks": [
-                    ModelCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}-{val_acc:.4f}"),
-                    # last.ckpt after every epoch: since Lightning 2.6, save_last=True on a monitoring
-                    # ModelCheckpoint only refreshes it when the monitored metric improves.
-                    ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
-                    LearningRateMonitor(logging_interval="epoch"),
-                    fault_tolerance,
-                ],
-                # Every checkpoint write goes to a temp file + fsync + os.replace: a kill never corrupts last.ckpt.
-                "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
-            },
-        )
+        # None when argv is the command line itself: LightningCLI warns when given both.
+        build_cli(None if argv == sys.argv[1:] else argv, fault_tolerance)
     except (KeyboardInterrupt, SystemExit) as stop:
         # SIGTERM / first Ctrl-C: FaultTolerance saved a checkpoint and set the exit code (143 / 130).
         # Second Ctrl-C: Lightning exits with 1 from its KeyboardInterrupt handler; report 130 as shells do.
@@ -168,10 +184,13 @@ def main(args: list[str] | None = None) -> None:
             print(f"transfer-lit: {signal_name}: stopped without saving a new checkpoint (to resume a fit from the "
                   "last one: --ckpt_path last)", file=sys.stderr)
         sys.exit(EXIT_CODES[signal_name])
-    except Exception as error:
+    except Exception as raised:
+        error = unwrapped(raised)  # what the data module raised, not jsonargparse's wrapper around it
         message = user_error_message(error)
-        if debug or message is None:
+        if (debug or message is None) and error is raised:
             raise
+        if debug or message is None:
+            raise error from None
         print(f"transfer-lit: error: {message}\n(run with --debug for the full traceback)", file=sys.stderr)
         sys.exit(2)
     finally:

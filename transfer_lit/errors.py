@@ -61,6 +61,15 @@ def raised_by_transfer_lit(error: BaseException) -> bool:
     return last is not None and _ours(last.tb_frame.f_code.co_filename)
 
 
+def unwrapped(error: BaseException) -> BaseException:
+    """What a class raised when jsonargparse built it in subclass mode (``--data``), which it re-raises wrapped in a
+    ``ValueError("Does not validate against any of the Union subtypes ...")``; any other error as it is."""
+    while isinstance(error, ValueError) and str(error).startswith("Does not validate against any of the Union") \
+            and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message to show for a user error (also one raised in a DataLoader worker), else ``None``."""
     worker = _WORKER_ERROR.match(str(error))

@@ -25,7 +25,7 @@ from transfer_lit.freezing import BNPolicy, FreezingHooks, FreezingStrategy, Fro
 from transfer_lit.heads import HeadFactory, LinearHead
 from transfer_lit.losses import class_probabilities, classification_loss
 from transfer_lit.metrics import StageMetrics, Task, check_task
-from transfer_lit.param_groups import LearningRatePolicy, OptimizerRecipe
+from transfer_lit.param_groups import LearningRatePolicy, OptimizerRecipe, run_length
 from transfer_lit.preprocessing import Preprocessing, resolve_preprocessing
 from transfer_lit.protocols import CachedFeatures
 from transfer_lit.speed import BackboneSpeed
@@ -61,8 +61,7 @@ class TransferModule(LightningModule):
         preprocessing: overrides (``crop_size``, ``mean``, ...) of what the backbone's weights declare (after a
             reload: what the checkpoint was trained with), which wins over the backbone's defaults.
         check_finite: stop with a clear error at a NaN or infinite training loss (on CUDA two steps later).
-        compile: ``torch.compile`` the backbone (slow first steps, one recompile per thaw): on one H100, ResNet-50
-            5,591 images/s compiled vs 3,964 eager, ViT-B/16 3,093 vs 2,089 (``benchmarks/RESULTS.md``).
+        compile: ``torch.compile`` the backbone (slow first steps, one recompile per thaw; ``benchmarks/RESULTS.md``).
 
     On CUDA, convolutional backbones run in ``channels_last``, the default AdamW is the fused one and the training
     step is free of host syncs (``sync_free``); on CPU nothing changes (:mod:`transfer_lit.speed`).
@@ -219,8 +218,7 @@ class TransferModule(LightningModule):
         return self.device.type == "cuda" if self.sync_free is None else self.sync_free
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        # Logged once per epoch, not per step: each self.log of a Metric object walks Lightning's whole result
-        # collection, which cost ~80 ms per step on CPU (5 metrics) and more than the step of a small model.
+        # Once per epoch: each self.log of a Metric walks Lightning's result collection (~80 ms/step on CPU).
         self.log_dict(self.metrics.epoch_values(stage), prog_bar=stage == "val")
 
     @override
@@ -289,7 +287,8 @@ class TransferModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return self.recipe.build(self.backbone, self.head, self.device, self.frozen, lambda: self.lr_scale)
+        return self.recipe.build(self.backbone, self.head, self.device, self.frozen, lambda: self.lr_scale,
+                                 lambda interval: run_length(self.trainer, interval))
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

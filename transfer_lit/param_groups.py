@@ -17,6 +17,7 @@ from torch import nn
 from transfer_lit.backbones.base import Backbone
 from transfer_lit.freezing.frozen import FrozenBlocks
 from transfer_lit.freezing.gates import install_lr_gate
+from transfer_lit.schedulers import RunLengthAware
 from transfer_lit.speed import build_optimizer
 
 _NO_DECAY_NAMES = ("class_token", "cls_token", "pos_embed", "pos_embedding", "relative_position_bias_table")
@@ -95,6 +96,16 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
     return groups
 
 
+def run_length(trainer: Any, interval: str) -> int:
+    """The run's scheduler steps: optimizer steps (``interval='step'``) or ``max_epochs`` (``epoch``)."""
+    if interval == "step":
+        return int(trainer.estimated_stepping_batches)
+    if trainer.max_epochs is None or trainer.max_epochs < 1:
+        raise ValueError(f"a learning-rate schedule sized from the run needs trainer.max_epochs, got "
+                         f"{trainer.max_epochs!r}; set it, use model.scheduler_interval=step, or give total_steps")
+    return int(trainer.max_epochs)
+
+
 @dataclass(frozen=True)
 class OptimizerRecipe:
     """How a module's optimizer and scheduler are built from the user's factories.
@@ -114,14 +125,19 @@ class OptimizerRecipe:
     policy: LearningRatePolicy
 
     def build(self, backbone: Backbone, head: nn.Module, device: torch.device, frozen: FrozenBlocks,
-              lr_scale: Callable[[], float]) -> Any:
+              lr_scale: Callable[[], float], run_length: Callable[[str], int] | None = None) -> Any:
         """What ``configure_optimizers`` returns: the optimizer over every group (gated, fused where it helps) and,
-        if any, the scheduler's Lightning config."""
+        if any, the scheduler's Lightning config. ``run_length(interval)``: the run's scheduler steps, told to a
+        :class:`~transfer_lit.schedulers.RunLengthAware` scheduler that was not given its length."""
         groups = build_param_groups(backbone, head, self.policy)
         optimizer = build_optimizer(self.optimizer, groups, device, allow_fused=frozen.strategy.allows_fused_optimizer)
         install_lr_gate(optimizer, lr_scale)
         frozen.attach(optimizer)
         if self.scheduler is None:
             return optimizer
-        config = {"scheduler": self.scheduler(optimizer), "interval": self.interval, "monitor": self.monitor}
+        scheduler = self.scheduler(optimizer)
+        if isinstance(scheduler, RunLengthAware) and getattr(scheduler, "total_steps", None) is None \
+                and run_length is not None:
+            scheduler.set_total_steps(run_length(self.interval))
+        config = {"scheduler": scheduler, "interval": self.interval, "monitor": self.monitor}
         return {"optimizer": optimizer, "lr_scheduler": config}

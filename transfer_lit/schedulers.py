@@ -13,14 +13,79 @@ run. Two gaps are filled here for YAML configs:
 * torch's ``OneCycleLR`` takes one ``max_lr`` for every group (a YAML config cannot list one per
   group), which flattens differential learning rates; :class:`OneCycleLR` peaks each group at its
   own learning rate times ``max_lr_factor``.
+
+:class:`WarmupDecay` (ULMFiT's slanted triangular schedule, BERT's warm-up then linear decay) is sized from
+the run itself: the module tells it the run's length (:class:`RunLengthAware`), so a recipe never carries a
+literal step count that goes stale when the data or ``max_epochs`` change.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch.optim import Optimizer
+
+
+@runtime_checkable
+class RunLengthAware(Protocol):
+    """A scheduler that is told the run's length (in its own steps) once the trainer knows it."""
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Size the schedule to ``total_steps`` scheduler steps."""
+
+
+class WarmupDecay(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up to each group's own learning rate, then linear (or cosine) decay to ``final_factor`` x it.
+
+    With ``warmup=0.1``, ``decay='linear'`` this is ULMFiT's slanted triangular schedule and BERT's fine-tuning
+    schedule. ``TransferModule`` sizes it to the run (``trainer.estimated_stepping_batches`` with
+    ``model.scheduler_interval: step``, ``max_epochs`` with ``epoch``) unless ``total_steps`` is given::
+
+        lr_scheduler: {class_path: transfer_lit.schedulers.WarmupDecay, init_args: {warmup: 0.1}}
+        scheduler_interval: step
+
+    Args:
+        optimizer: the optimizer (passed by the module).
+        warmup: warm-up length: a fraction of the run (< 1) or a number of steps (>= 1).
+        decay: ``linear`` or ``cosine`` after the warm-up.
+        final_factor: the learning rate at the end, as a fraction of the peak.
+        total_steps: the run's length in scheduler steps; ``None`` = sized by the module from the trainer.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup: float = 0.1, decay: Literal["linear", "cosine"] = "linear",
+                 final_factor: float = 0.0, total_steps: int | None = None) -> None:
+        if warmup < 0:
+            raise ValueError(f"WarmupDecay.warmup must be >= 0 (a fraction < 1 or a step count), got {warmup}")
+        if decay not in ("linear", "cosine"):
+            raise ValueError(f"WarmupDecay.decay must be 'linear' or 'cosine', got {decay!r}")
+        if not 0.0 <= final_factor <= 1.0:
+            raise ValueError(f"WarmupDecay.final_factor must be in [0, 1], got {final_factor}")
+        self.warmup, self.decay, self.final_factor = warmup, decay, final_factor
+        self.total_steps = total_steps
+        super().__init__(optimizer)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        if total_steps < 1:
+            raise ValueError(f"WarmupDecay: the run has {total_steps} scheduler steps; it needs at least 1")
+        self.total_steps = total_steps
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def factor(self, step: int) -> float:
+        """The learning-rate multiplier at scheduler step ``step`` (0-based)."""
+        total = self.total_steps or 1
+        warmup = min(total, round(self.warmup * total) if self.warmup < 1 else int(self.warmup))
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 1 - progress if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.final_factor + (1 - self.final_factor) * shape
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
 
 class LinearWarmup:

@@ -1,6 +1,7 @@
 """Backbones: a headless network plus its blocks and preprocessing metadata (``TimmBackbone``: on first use)."""
 
 from transfer_lit.backbones.base import Backbone, BlockSpec, ModuleBackbone, as_backbone
+from transfer_lit.backbones.hf_text import HFTextBackbone
 from transfer_lit.backbones.torchvision import (
     TorchvisionBackbone,
     WeightsNotAvailableError,
@@ -20,6 +21,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Backbone",
     "BlockSpec",
+    "HFTextBackbone",
     "ModuleBackbone",
     "TorchvisionBackbone",
     "WeightsNotAvailableError",

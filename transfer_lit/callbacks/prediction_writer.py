@@ -1,4 +1,5 @@
-"""Writes ``predict`` results to a CSV file: file, predicted class name, its probability."""
+"""Writes ``predict`` results to a CSV file: the input (file or text), predicted class name, its probability, and the
+probability of every class."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from transfer_lit.protocols import Classifier
 
 
 class CSVPredictionWriter(BasePredictionWriter):
-    """Append one row per image to ``output`` (``output.rank<N>.csv`` on ranks other than 0).
+    """Append one row per input to ``output`` (``output.rank<N>.csv`` on ranks other than 0).
 
     Args:
-        output: CSV path; columns ``file,prediction,probability``.
+        output: CSV path; columns ``file`` (or ``text``: the data module's ``prediction_column``), ``prediction``,
+            ``probability`` (of the prediction), then ``p_<class>`` for every class (multilabel: each label's own
+            probability, ``prediction`` the most probable label).
     """
 
     def __init__(self, output: str = "predictions.csv") -> None:
@@ -34,8 +37,10 @@ class CSVPredictionWriter(BasePredictionWriter):
             path = path.with_suffix(f".rank{trainer.global_rank}{path.suffix}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            column = getattr(getattr(trainer, "datamodule", None), "prediction_column", "file")
+            names = list(pl_module.class_names) if isinstance(pl_module, Classifier) else []
             with path.open("w", newline="") as f:
-                csv.writer(f).writerow(["file", "prediction", "probability"])
+                csv.writer(f).writerow([column, "prediction", "probability", *(f"p_{n}" for n in names)])
         except OSError as error:  # read-only folder, no permission, full disk: before any prediction is made
             raise storage_error(path, error) from error
         self._path = path
@@ -51,8 +56,9 @@ class CSVPredictionWriter(BasePredictionWriter):
         confidence, index = probs.max(dim=1)
         with self._path.open("a", newline="") as f:
             writer = csv.writer(f)
-            for path, i, p in zip(prediction["paths"], index.tolist(), confidence.tolist(), strict=True):
-                writer.writerow([path, names[i] if i < len(names) else i, f"{p:.6f}"])
+            rows = zip(prediction["paths"], index.tolist(), confidence.tolist(), probs.tolist(), strict=True)
+            for path, i, p, every in rows:
+                writer.writerow([path, names[i] if i < len(names) else i, f"{p:.6f}", *(f"{q:.6f}" for q in every)])
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -8,9 +8,15 @@ from pathlib import Path
 from transfer_lit.checkpoints.io import load_torch_file
 
 
-def with_checkpoint_model(argv: list[str]) -> list[str]:
+def with_checkpoint_model(argv: list[str], data_classes: dict[str, str] | None = None) -> list[str]:
     """``argv`` with ``--model <the checkpoint's model hyperparameters>`` right after the subcommand, when
-    ``--ckpt_path`` names a checkpoint file, so that whatever the command line sets comes after (and wins)."""
+    ``--ckpt_path`` names a checkpoint file, so that whatever the command line sets comes after (and wins).
+
+    Args:
+        argv: the command line.
+        data_classes: ``{modality: data module class path}``: also ``--data <class>`` for the modality of the
+            checkpoint's preprocessing (a text checkpoint predicts with the text data module), unless argv names one.
+    """
     commands = [i for i, arg in enumerate(argv) if arg in ("fit", "validate", "test", "predict")]
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
     if path is None and "--ckpt_path" in argv[:-1]:
@@ -28,7 +34,13 @@ def with_checkpoint_model(argv: list[str]) -> list[str]:
     except (TypeError, ValueError):  # an object jsonargparse could not read back either
         return argv
     at = commands[0] + 1
-    return [*argv[:at], "--model", encoded, *argv[at:]]
+    extra = ["--model", encoded]
+    state = loaded.get("transfer_lit") if isinstance(loaded, dict) else None
+    modality = ((state or {}).get("preprocessing") or {}).get("modality", "image")
+    named = any(a == "--data" or a.startswith("--data=") for a in argv)
+    if data_classes and modality in data_classes and not named:
+        extra += ["--data", data_classes[modality]]
+    return [*argv[:at], *extra, *argv[at:]]
 
 
 def given_hparams() -> bool:

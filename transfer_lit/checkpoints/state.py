@@ -33,7 +33,9 @@ def restore_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) 
     state = checkpoint.get("transfer_lit")
     if state is None:
         return
-    module.preprocessing = module.resolve_preprocessing(Preprocessing.from_dict(state["preprocessing"]))
+    trained_with = Preprocessing.from_dict(state["preprocessing"])
+    module.preprocessing = module.resolve_preprocessing(trained_with)
+    module.preprocessing.check_checkpoint(trained_with)
     module.class_names = list(state["class_names"])
     module.lr_scale = float(state["lr_scale"])
     module.set_frozen_blocks(state["frozen_blocks"])

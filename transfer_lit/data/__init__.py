@@ -4,6 +4,7 @@ from transfer_lit.data.decode import BadImageError, ImageDataset, Sample, load_i
 from transfer_lit.data.feature_cache import FeatureCache
 from transfer_lit.data.images import ImageDataModule
 from transfer_lit.data.reader import ImageReader, default_num_workers
+from transfer_lit.data.text import TextDataModule
 
 __all__ = [
     "BadImageError",
@@ -12,6 +13,7 @@ __all__ = [
     "ImageDataset",
     "ImageReader",
     "Sample",
+    "TextDataModule",
     "default_num_workers",
     "load_image",
     "scan_images",

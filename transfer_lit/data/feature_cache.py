@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -107,9 +108,10 @@ def _qualname(obj: object) -> str:
 
 
 def cache_key(module: FeatureCacheable, preprocessing: Preprocessing, samples: Sequence[Sample], precision: str,
-              reader: str = "full") -> str:
+              reader: str = "full", files: str | None = None) -> str:
     """The identity of a split's features: module and backbone classes, weights, preprocessing, precision, files and
-    how they are decoded (``reader``: ``full`` or a reduced-size decode)."""
+    how they are decoded (``reader``: ``full`` or a reduced-size decode). ``files``: the inputs' fingerprint when
+    the samples are not files (texts), else :func:`dataset_fingerprint`."""
     backbone = module.backbone
     parts = {
         "version": _FORMAT_VERSION,
@@ -118,7 +120,7 @@ def cache_key(module: FeatureCacheable, preprocessing: Preprocessing, samples: S
         "weights": weights_fingerprint(backbone),
         "preprocessing": preprocessing.to_dict(),
         "precision": precision,
-        "files": dataset_fingerprint(samples),
+        "files": files if files is not None else dataset_fingerprint(samples),
         "reader": reader,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -154,7 +156,7 @@ class FeatureDataset(Dataset):
 
 
 class _Indexed(Dataset):
-    """Yields ``(image, index)`` for the given indices of an image dataset (``None`` for unreadable images)."""
+    """Yields ``(inputs, index)`` for the given indices of a dataset (``None`` for unreadable images)."""
 
     def __init__(self, images: Dataset, indices: Sequence[int]) -> None:
         self.images, self.indices = images, list(indices)
@@ -210,7 +212,7 @@ class FeatureCache:
 
     def features(self, trainer: Any, module: FeatureCacheable, images: Dataset, samples: Sequence[Sample],
                  preprocessing: Preprocessing, loader_kwargs: dict[str, Any], split: str,
-                 reader: str = "full") -> FeatureEntry:
+                 reader: str = "full", files: str | None = None) -> FeatureEntry:
         """The entry of ``samples`` (decoded by ``images``, same order), extracting it on a miss.
 
         Args:
@@ -222,21 +224,22 @@ class FeatureCache:
             loader_kwargs: ``DataLoader`` arguments for extraction (batch size, workers, collate).
             split: name used in the log line.
             reader: how ``images`` decodes files (part of the key).
+            files: fingerprint of inputs that are not files (texts; part of the key).
         """
         strategy = trainer.strategy
-        key = cache_key(module, preprocessing, samples, str(trainer.precision), reader)
+        key = cache_key(module, preprocessing, samples, str(trainer.precision), reader, files)
         entry = self.lookup(key)
         if strategy.reduce_boolean_decision(entry is not None, all=True):
             assert entry is not None
             self.hits += 1
-            rank_zero_info(f"transfer_lit feature cache: {split} hit ({len(entry.paths)} images, key {key[:12]})")
+            rank_zero_info(f"transfer_lit feature cache: {split} hit ({len(entry.paths)} inputs, key {key[:12]})")
             return entry
         self.misses += 1
         start = time.perf_counter()
         entry = extract_features(trainer, module, images, samples, loader_kwargs)
         self.extraction_seconds += time.perf_counter() - start
         self.store(key, entry, write=trainer.local_rank == 0)
-        rank_zero_info(f"transfer_lit feature cache: {split} miss, extracted {len(entry.paths)} images in "
+        rank_zero_info(f"transfer_lit feature cache: {split} miss, extracted {len(entry.paths)} inputs in "
                        f"{time.perf_counter() - start:.1f}s (key {key[:12]})")
         return entry
 
@@ -264,7 +267,7 @@ def extract_features(trainer: Any, module: FeatureCacheable, images: Dataset, sa
                 continue
             x, index = batch
             with precision.forward_context():
-                out = module.features(precision.convert_input(x.to(device, non_blocking=True)))
+                out = module.features(precision.convert_input(move_data_to_device(x, device)))
             local = (index.to(device) - rank) // world
             features[local] = out.float()
             valid[local] = True

@@ -13,15 +13,15 @@ data always matches the checkpoint.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer_lit.data.base import LabelledDataModule
 from transfer_lit.data.decode import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -44,7 +44,7 @@ from transfer_lit.preprocessing import (
 from transfer_lit.protocols import Classifier, FeatureCacheable, HasPreprocessing
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(LabelledDataModule):
     """Labelled images for transfer learning.
 
     Args:
@@ -133,11 +133,6 @@ class ImageDataModule(LightningDataModule):
         if root is not None or train_csv is not None:
             self.class_names, self.splits = index_splits(root, train_csv, val_csv, test_csv, val_fraction,
                                                          samples_per_class, seed)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes found in the training data (linked to ``model.num_classes`` by the CLI)."""
-        return len(self.class_names)
 
     def resolved_preprocessing(self) -> ImagePreprocessing:
         """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's, once restored)."""
@@ -262,15 +257,6 @@ class ImageDataModule(LightningDataModule):
             batch = [images, *batch[1:]] if isinstance(batch, list) else (images, *batch[1:])
         return batch
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
     def predict_dataloader(self) -> DataLoader:
         if self.predict_root is None:
             raise ValueError("predict needs data.predict_root (a folder of images)")
@@ -285,8 +271,3 @@ class ImageDataModule(LightningDataModule):
                                self.bad_images, return_path=True, loader=ImageReader(p, self.reduced_decode))
         self._read.append(("predict", dataset))
         return self._dataloader(dataset, shuffle=False)
-
-    def class_counts(self, split: str = "train") -> dict[str, int]:
-        """Images per class name in ``split``."""
-        counts = Counter(label for _, label in self.splits.get(split, []))
-        return {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}

@@ -7,11 +7,13 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_lit.data.decode import IMAGE_EXTENSIONS, Sample
 
+_Item = TypeVar("_Item", Path, str)  # an image file, or a text
 #: Split folder names, matched case-insensitively (``Train/``, ``valid/``, ``Validation/``, ``dev/`` ...).
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
                "test": ("test", "testing")}
@@ -73,7 +75,7 @@ def split_folders(base: Path, key: str) -> dict[str, Path]:
     return {split: dirs[0] for split, dirs in found.items()}
 
 
-def interleaved(by_class: dict[str, list[Path]]) -> list[tuple[Path, str]]:
+def interleaved(by_class: dict[str, list[_Item]]) -> list[tuple[_Item, str]]:
     """One file of each class in turn: the first batches of an evaluation split (the sanity check,
     ``limit_val_batches``) then see every class, not only the first one."""
     ranked = [(i, k, f, c) for k, (c, files) in enumerate(by_class.items()) for i, f in enumerate(files)]
@@ -123,7 +125,8 @@ def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
     return rows
 
 
-def stratified_split(by_class: dict[str, list[Path]], fraction: float, seed: int) -> tuple[dict, dict]:
+def stratified_split(by_class: dict[str, list[_Item]], fraction: float, seed: int
+                     ) -> tuple[dict[str, list[_Item]], dict[str, list[_Item]]]:
     """Hold out ``fraction`` of every class (at least one image where the class has two or more)."""
     rng = random.Random(seed)
     train, val = {}, {}
@@ -135,7 +138,7 @@ def stratified_split(by_class: dict[str, list[Path]], fraction: float, seed: int
     return train, val
 
 
-def few_shot(by_class: dict[str, list[Path]], samples_per_class: int, seed: int, key: str) -> dict[str, list[Path]]:
+def few_shot(by_class: dict[str, list[_Item]], samples_per_class: int, seed: int, key: str) -> dict[str, list[_Item]]:
     """Seeded subsample of ``samples_per_class`` images per class."""
     short = {c: len(f) for c, f in by_class.items() if len(f) < samples_per_class}
     if short:

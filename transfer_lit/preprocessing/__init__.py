@@ -11,6 +11,7 @@ from transfer_lit.preprocessing.images import (
     normalize_images,
     preprocessing_from_torchvision,
 )
+from transfer_lit.preprocessing.text import TextPreprocessing
 
 __all__ = [
     "DEFAULT_PREPROCESSING",
@@ -18,6 +19,7 @@ __all__ = [
     "ImagePreprocessing",
     "Interpolation",
     "Preprocessing",
+    "TextPreprocessing",
     "build_eval_transform",
     "build_train_transform",
     "normalize_images",

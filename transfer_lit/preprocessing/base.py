@@ -51,6 +51,15 @@ class Preprocessing:
             raise ValueError(f"unknown preprocessing key(s) {sorted(unknown)}; valid keys are {sorted(valid)}")
         return target(**values)
 
+    def merged(self, override: Mapping[str, Any]) -> Preprocessing:
+        """This preprocessing with the fields of ``override`` replaced (a modality may adjust fields that depend on
+        others: text recomputes the tokenizer's hash when the tokenizer changes)."""
+        return type(self).from_dict({**self.to_dict(), **override})
+
+    def check_checkpoint(self, trained_with: Preprocessing) -> None:
+        """Raise when inputs prepared by this preprocessing cannot be fed to weights trained with ``trained_with``
+        (default: accept; text refuses a different tokenizer)."""
+
     def check_inputs(self, inputs: Any) -> None:
         """Raise a clear error when a batch's inputs cannot have been prepared by this preprocessing (default:
         accept anything). Called by the module on every batch, so it must not read device values."""
@@ -76,5 +85,4 @@ def resolve_preprocessing(
     modality = values.pop("modality", None)
     if modality is not None and modality != base.modality:
         raise ValueError(f"model.preprocessing is for {modality!r} inputs but the backbone takes {base.modality!r}")
-    merged = {**base.to_dict(), **{k: v for k, v in values.items() if v is not None}}
-    return type(base).from_dict(merged)
+    return base.merged({k: v for k, v in values.items() if v is not None})
