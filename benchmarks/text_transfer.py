@@ -119,8 +119,9 @@ def test_metrics(cli: Any) -> dict[str, Any]:
             "class_f1": {k: round(v, 4) for k, v in per_class.items()}, "test_texts": len(true)}
 
 
-def run(strategy: str, files: dict[str, str], epochs: int, root: Path, limit: int | None = None) -> dict[str, Any]:
-    args = ["fit", "--config", str(CONFIGS / RECIPES[strategy]), "--model.backbone.init_args.model", minilm(),
+def run(strategy: str, files: dict[str, str], epochs: int, root: Path, limit: int | None = None,
+        recipe: Path | None = None) -> dict[str, Any]:
+    args = ["fit", "--config", str(recipe or CONFIGS / RECIPES[strategy]), "--model.backbone.init_args.model", minilm(),
             "--data.train_csv", files["train"], "--data.val_csv", files["val"], "--data.test_csv", files["test"],
             "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(root / strategy),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -143,11 +144,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--tasks", default="sst2,agnews,sms")
     parser.add_argument("--strategies", default="scratch,linear_probe,finetune,progressive")
+    parser.add_argument("--recipe", action="append", default=[], metavar="STRATEGY=YAML",
+                        help="run a strategy from another recipe file (trying a variant before changing configs/)")
     parser.add_argument("--limit", type=int, default=None, help="batches per epoch (smoke runs of this script)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "text_transfer.json")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results: dict[str, Any] = {}
+    recipes = {k: Path(v) for k, v in (item.split("=", 1) for item in args.recipe)}
+    # Runs of a subset of the tasks / strategies update the rows they ran in an existing results file.
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for task in args.tasks.split(","):
@@ -155,7 +160,9 @@ def main() -> None:
             strategies = args.strategies.split(",") if task == "sst2" else ["finetune"]
             for strategy in strategies:
                 key = strategy if task == "sst2" else f"{task}_{strategy}"
-                results[key] = run(strategy, files, args.epochs, folder / task, args.limit)
+                results[key] = run(strategy, files, args.epochs, folder / task, args.limit, recipes.get(strategy))
+                results[key]["recipe"] = str(recipes.get(strategy, f"configs/{RECIPES[strategy]}"))
+                results[key]["measured"] = time.strftime("%Y-%m-%d %H:%M")
                 print(f"transfer_lit text benchmark: {key}: {results[key]}", flush=True)
     print(f"\n{'run':<18} {'test acc':>9} {'macro F1':>9} {'val acc':>8} {'fit s':>7}  per-class F1")
     for key, r in results.items():

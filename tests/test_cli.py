@@ -283,3 +283,37 @@ def test_class_names_outside_the_basic_plane_survive_the_checkpoint_round_trip(t
     torch.save({"hyper_parameters": {"class_names": names, "num_classes": 3}}, path)
     extended = with_checkpoint_model(["predict", "--ckpt_path", str(path)])
     assert yaml.safe_load(extended[2])["class_names"] == names  # jsonargparse reads the value as YAML
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_place(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("trainer:\n  max_epochs: 2\n   devices: [\n")
+    message = _user_error(["fit", "--config", str(config)], capsys)
+    assert f"--config {config}: not valid YAML at line 3, column 11" in message
+
+
+def test_max_epochs_minus_one_says_it_trains_until_stopped(images: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--trainer.max_epochs", "-1",
+          "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)])
+    assert "training runs until stopped" not in capsys.readouterr().err  # max_steps bounds it
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--trainer.max_epochs", "-1",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.devices", "0"])  # stops before training
+    assert "trainer.max_epochs=-1 and no max_steps / max_time: training runs until stopped" in capsys.readouterr().err
+
+
+def test_partial_writes_of_killed_processes_are_removed_from_every_version_folder(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: its temp files are stale
+    stale = [tmp_path / "lightning_logs" / f"version_{v}" / "checkpoints" / f".last.ckpt.{pid}.tmp" for v in (0, 3)]
+    alive = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / f".last.ckpt.{os.getpid()}.tmp"
+    for temp in [*stale, alive]:
+        temp.parent.mkdir(parents=True)
+        temp.write_bytes(b"partial")
+    main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert not any(t.exists() for t in stale) and alive.exists()  # a live process's write is left alone
+    assert all(f"removed {t}, the partial write of a killed process" in err for t in stale)

@@ -21,6 +21,8 @@ from transfer_lit.callbacks import CSVPredictionWriter, FaultTolerance
 from transfer_lit.callbacks.fault_tolerance import EXIT_CODES
 from transfer_lit.checkpoints import (
     AtomicCheckpointIO,
+    check_config_files,
+    checkpoint_folders,
     find_last_checkpoint,
     remove_stale_temps,
     resume_command,
@@ -50,6 +52,7 @@ class TransferCLI(LightningCLI):
         if args is not None and not isinstance(args, list):  # a dict or a Namespace: nothing to extend
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
+        check_config_files(argv)
         self.config = parser.parse_args(with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None))
 
     @override
@@ -80,6 +83,10 @@ class TransferCLI(LightningCLI):
                   "off for this CPU run", file=sys.stderr)
             trainer["sync_batchnorm"] = False
         prefer_tf32(cuda)  # main() restores the process-wide setting when the command is done
+        if self.subcommand == "fit" and trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (-1, None) \
+                and not trainer.get("max_time"):
+            print("transfer-lit: trainer.max_epochs=-1 and no max_steps / max_time: training runs until stopped "
+                  "(Ctrl-C or SIGTERM saves a checkpoint to resume from)", file=sys.stderr)
         # Default callbacks are always appended; drop those Lightning refuses when the user switched off what they need.
         unwanted: list[type] = [LearningRateMonitor] if trainer.get("logger") is False else []
         unwanted += [ModelCheckpoint] if trainer.get("enable_checkpointing") is False else []
@@ -87,6 +94,11 @@ class TransferCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, tuple(unwanted))]
 
     def _resolve_last_checkpoint(self) -> None:
+        # Partial writes of killed processes, in this configuration's every version folder (18 MB+ each).
+        if self.trainer.is_global_zero:
+            for folder in checkpoint_folders(self.trainer):
+                for temp in remove_stale_temps(folder):
+                    print(f"transfer-lit: removed {temp}, the partial write of a killed process", file=sys.stderr)
         # Lightning looks for "last" only in this run's new (empty) logger version folder; look in earlier ones.
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
@@ -99,8 +111,6 @@ class TransferCLI(LightningCLI):
         if found is not None:
             print(f"transfer-lit: --ckpt_path last = {found}", file=sys.stderr)
             config["ckpt_path"] = str(found)
-            for temp in remove_stale_temps(found.parent):
-                print(f"transfer-lit: removed {temp.name}, the partial write of a killed process", file=sys.stderr)
 
     def before_fit(self) -> None:
         self._resolve_last_checkpoint()

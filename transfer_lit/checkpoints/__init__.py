@@ -2,9 +2,9 @@
 ``last``, random-number-generator state, and a checkpoint's hyperparameters on the command line."""
 
 from transfer_lit.checkpoints.compat import check_checkpoint_fits, describe_config
-from transfer_lit.checkpoints.hparams import with_checkpoint_model
+from transfer_lit.checkpoints.hparams import check_config_files, with_checkpoint_model
 from transfer_lit.checkpoints.io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temps, temp_path
-from transfer_lit.checkpoints.locate import checkpoint_dir, find_last_checkpoint, resume_command
+from transfer_lit.checkpoints.locate import checkpoint_dir, checkpoint_folders, find_last_checkpoint, resume_command
 from transfer_lit.checkpoints.rng import capture_rng, restore_rng
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
 
@@ -13,7 +13,9 @@ __all__ = [
     "atomic_torch_save",
     "capture_rng",
     "check_checkpoint_fits",
+    "check_config_files",
     "checkpoint_dir",
+    "checkpoint_folders",
     "describe_config",
     "find_last_checkpoint",
     "remove_stale_temps",

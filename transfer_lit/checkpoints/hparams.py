@@ -1,4 +1,5 @@
-"""A checkpoint's model hyperparameters on the command line: ``predict --ckpt_path X`` needs no recipe."""
+"""What the command line's files say before the CLI parses it: a checkpoint's model hyperparameters
+(``predict --ckpt_path X`` needs no recipe) and whether its ``--config`` files are valid YAML."""
 
 from __future__ import annotations
 
@@ -50,3 +51,25 @@ def given_hparams() -> bool:
     except ImportError:  # pragma: no cover - older/newer Lightning
         return False
     return _given_hyperparameters.get() is not None
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Raise a ``ValueError`` naming the file, line and column of a ``--config`` file that is not valid YAML
+    (jsonargparse's own message names neither the file nor, for some errors, the place)."""
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            continue  # jsonargparse reports a missing file itself
+        try:
+            yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise ValueError(f"--config {path}: not valid YAML{where}: {problem}") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--config {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None

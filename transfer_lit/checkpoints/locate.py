@@ -17,13 +17,10 @@ def checkpoint_dir(trainer: Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
-def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ckpt") -> Path | None:
-    """The newest ``last*.ckpt`` or interrupt checkpoint of any earlier run of this configuration.
-
-    Looks where ``ModelCheckpoint`` would write: its ``dirpath`` if set, else every version folder of
-    the first logger (``<save_dir>/<name>/*/checkpoints``), else ``<default_root_dir>/checkpoints``.
-    Temporary files of an interrupted write are never candidates.
-    """
+def checkpoint_folders(trainer: Trainer) -> list[Path]:
+    """Where ``ModelCheckpoint`` writes for this configuration, this run's and earlier runs' folders: its ``dirpath``
+    if set, else every version folder of the first logger (``<save_dir>/<name>/*/checkpoints``), else
+    ``<default_root_dir>/checkpoints``."""
     folders: list[Path] = []
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
@@ -34,7 +31,14 @@ def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ck
         folders += sorted(save_dir.joinpath(str(logger.name)).glob("*/checkpoints"))
     if not folders:
         folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    candidates = [p for folder in folders for p in (*folder.glob("last*.ckpt"), folder / interrupt_name) if p.is_file()]
+    return folders
+
+
+def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ckpt") -> Path | None:
+    """The newest ``last*.ckpt`` or interrupt checkpoint of any earlier run of this configuration (in
+    :func:`checkpoint_folders`). Temporary files of an interrupted write are never candidates."""
+    candidates = [p for folder in checkpoint_folders(trainer)
+                  for p in (*folder.glob("last*.ckpt"), folder / interrupt_name) if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
