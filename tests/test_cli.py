@@ -317,3 +317,26 @@ def test_partial_writes_of_killed_processes_are_removed_from_every_version_folde
     err = capsys.readouterr().err
     assert not any(t.exists() for t in stale) and alive.exists()  # a live process's write is left alone
     assert all(f"removed {t}, the partial write of a killed process" in err for t in stale)
+
+
+def test_a_run_prints_each_epoch_and_none_of_lightnings_alarms(images: Path, tmp_path: Path) -> None:
+    """Without a progress bar each epoch prints its validation line; the notices that only alarm are gone
+    (warnings are not switched off for this subprocess: anything else would show)."""
+    env = {k: v for k, v in _env().items() if k != "PYTHONWARNINGS"}
+    common = [str(SCRIPT), "--config", str(DEBUG), "--data.root", str(images), "--trainer.default_root_dir",
+              str(tmp_path / "runs")]
+    fit = subprocess.run([common[0], "fit", *common[1:], "--trainer.max_epochs", "2"], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    out = fit.stdout + fit.stderr
+    epochs = [line for line in out.splitlines() if line.startswith("transfer-lit: epoch ")]
+    assert [line.split(":")[1] for line in epochs] == [" epoch 0", " epoch 1"] and all("val_acc=" in e for e in epochs)
+    last = next(line for line in out.splitlines() if line.startswith("transfer-lit: validation after epoch 1"))
+    assert last.split(": ", 2)[2] == epochs[1].split(": ", 2)[2]  # the epoch line shows that epoch's metrics
+    (checkpoint,) = (tmp_path / "runs").rglob("last.ckpt")
+    test = subprocess.run([common[0], "test", *common[1:], "--ckpt_path", str(checkpoint)], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=300)
+    assert test.returncode == 0, test.stderr[-3000:]
+    for noise in ("tensorboardX", "litlogger", "LeafSpec", "in eval mode", "dirpath has changed",
+                  "callbacks used to create the checkpoint"):
+        assert noise not in out + test.stdout + test.stderr, noise

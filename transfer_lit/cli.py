@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from transfer_lit.callbacks import CSVPredictionWriter, FaultTolerance
+from transfer_lit.callbacks import CSVPredictionWriter, EpochSummary, FaultTolerance
 from transfer_lit.callbacks.fault_tolerance import EXIT_CODES
 from transfer_lit.checkpoints import (
     AtomicCheckpointIO,
@@ -28,6 +28,7 @@ from transfer_lit.checkpoints import (
     resume_command,
     with_checkpoint_model,
 )
+from transfer_lit.console import quiet_lightning
 from transfer_lit.errors import unwrapped, user_error_message
 from transfer_lit.module import TransferModule
 from transfer_lit.speed import apply_gpu_defaults, keep_freed_memory, native_bf16, prefer_tf32
@@ -157,6 +158,7 @@ def build_cli(args: list[str] | None, fault_tolerance: FaultTolerance | None = N
                 # ModelCheckpoint only refreshes it when the monitored metric improves.
                 ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
                 LearningRateMonitor(logging_interval="epoch"),
+                EpochSummary(),
                 fault_tolerance or FaultTolerance(),
             ],
             # Every checkpoint write goes to a temp file + fsync + os.replace: a kill never corrupts last.ckpt.
@@ -177,9 +179,11 @@ def main(args: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     fault_tolerance = FaultTolerance()
     restore_tf32 = prefer_tf32(False)  # the CLI may switch TF32 on for CUDA: put the process setting back after
+    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
     try:
-        # None when argv is the command line itself: LightningCLI warns when given both.
-        build_cli(None if argv == sys.argv[1:] else argv, fault_tolerance)
+        with quiet_lightning(subcommand):
+            # None when argv is the command line itself: LightningCLI warns when given both.
+            build_cli(None if argv == sys.argv[1:] else argv, fault_tolerance)
     except (KeyboardInterrupt, SystemExit) as stop:
         # SIGTERM / first Ctrl-C: FaultTolerance saved a checkpoint and set the exit code (143 / 130).
         # Second Ctrl-C: Lightning exits with 1 from its KeyboardInterrupt handler; report 130 as shells do.

@@ -4,6 +4,8 @@ probability of every class."""
 from __future__ import annotations
 
 import csv
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ from transfer_lit.protocols import Classifier
 class CSVPredictionWriter(BasePredictionWriter):
     """Append one row per input to ``output`` (``output.rank<N>.csv`` on ranks other than 0).
 
+    Rows go to a hidden temporary file beside ``output``, renamed to ``output`` when ``predict`` ends, so a failed
+    or interrupted ``predict`` never leaves a header-only or truncated ``output`` (nor replaces an earlier one):
+    the rows it did write are kept as ``<output stem>.partial<suffix>``.
+
     Args:
         output: CSV path; columns ``file`` (or ``text``: the data module's ``prediction_column``), ``prediction``,
             ``probability`` (of the prediction), then ``p_<class>`` for every class (multilabel: each label's own
@@ -28,7 +34,9 @@ class CSVPredictionWriter(BasePredictionWriter):
     def __init__(self, output: str = "predictions.csv") -> None:
         super().__init__(write_interval="batch")
         self.output = output
-        self._path: Path | None = None
+        self._path: Path | None = None  # the final file
+        self._temp: Path | None = None  # where rows go until predict ends
+        self._rows = 0
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -39,22 +47,24 @@ class CSVPredictionWriter(BasePredictionWriter):
             path.parent.mkdir(parents=True, exist_ok=True)
             column = getattr(getattr(trainer, "datamodule", None), "prediction_column", "file")
             names = list(pl_module.class_names) if isinstance(pl_module, Classifier) else []
-            with path.open("w", newline="") as f:
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with temp.open("w", newline="") as f:
                 csv.writer(f).writerow([column, "prediction", "probability", *(f"p_{n}" for n in names)])
         except OSError as error:  # read-only folder, no permission, full disk: before any prediction is made
             raise storage_error(path, error) from error
-        self._path = path
+        self._path, self._temp, self._rows = path, temp, 0
 
     @override
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        assert self._path is not None
+        assert self._temp is not None
         probs: torch.Tensor = prediction["probs"]
         names = list(pl_module.class_names) if isinstance(pl_module, Classifier) else []
         if probs.ndim == 1:  # binary: probability of class 1
             probs = torch.stack([1 - probs, probs], dim=1)
         confidence, index = probs.max(dim=1)
-        with self._path.open("a", newline="") as f:
+        self._rows += len(prediction["paths"])
+        with self._temp.open("a", newline="") as f:
             writer = csv.writer(f)
             rows = zip(prediction["paths"], index.tolist(), confidence.tolist(), probs.tolist(), strict=True)
             for path, i, p, every in rows:
@@ -62,5 +72,22 @@ class CSVPredictionWriter(BasePredictionWriter):
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._temp is not None and self._path is not None
+        os.replace(self._temp, self._path)
+        self._temp = None
         if trainer.is_global_zero:
             print(f"transfer_lit: predictions written to {self._path}")
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Predict failed or was interrupted: keep the rows written so far as ``*.partial*``, or nothing."""
+        if self._temp is None or self._path is None or not self._temp.exists():
+            return
+        if self._rows == 0:
+            self._temp.unlink()
+        else:
+            partial = self._path.with_name(f"{self._path.stem}.partial{self._path.suffix}")
+            os.replace(self._temp, partial)
+            print(f"transfer_lit: predict stopped after {self._rows} rows; they are in {partial} ({self._path} is "
+                  f"unchanged)", file=sys.stderr)
+        self._temp = None
