@@ -88,9 +88,16 @@ def run_hand_loop(model: str, data: TextDataModule, args: argparse.Namespace) ->
     optimizer = torch.optim.AdamW(build_param_groups(backbone, head, template.policy))
     backbone.train()
     examples, start = 0, 0.0
-    batches = iter(data.train_dataloader())
+    loader = data.train_dataloader()
+    batches, epoch = iter(loader), 0
     for step in range(args.steps):
-        inputs, target = next(batches)
+        batch = next(batches, None)
+        if batch is None:  # the next epoch, as Trainer.fit with max_steps goes on to it
+            epoch += 1
+            loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+            batches = iter(loader)
+            batch = next(batches)
+        inputs, target = batch
         if step == args.warmup:
             start = time.perf_counter()
         loss = F.cross_entropy(head(backbone(inputs)), target)

@@ -75,16 +75,25 @@ def test_python_m_help(tmp_path: Path) -> None:
     assert all(sub in result.stdout for sub in ("fit", "validate", "test", "predict"))
 
 
-def test_fit_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_help_is_short_and_points_at_each_class_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--model.mode", "linear_probe", "progressive", "--model.backbone", "--model.lr",
-                   "--model.backbone_lr_mult", "--model.preprocessing", "--data CONFIG | CLASS_PATH_OR_NAME",
+    for option in ("--model CONFIG | CLASS_PATH_OR_NAME", "--data CONFIG | CLASS_PATH_OR_NAME",
                    "--prediction_writer.output", "--trainer.max_epochs"):
         assert option in out, option
-    assert "--model.num_classes" not in out, "the number of classes is linked from the data"
+    assert len(out.splitlines()) <= 650  # not every nn.Module subclass in torch
+
+
+def test_the_model_help_lists_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "TransferModule"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model.mode", "linear_probe", "progressive", "--model.backbone", "--model.lr",
+                   "--model.backbone_lr_mult", "--model.preprocessing"):
+        assert option in out, option
 
 
 @pytest.mark.parametrize(("data", "options"), [
@@ -135,7 +144,9 @@ def test_invalid_choice_is_rejected_by_the_parser(images: Path, capsys: pytest.C
         main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--model.mode", "frozen"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "model.mode" in err and "linear_probe" in err
+    # LightningCLI in subclass mode names the key in two steps: "model", then its "mode".
+    assert "Traceback" not in err and 'Parser key "model"' in err and 'Parser key "mode"' in err
+    assert "Expected a typing.Literal['linear_probe', 'finetune', 'progressive']. Got value: frozen" in err
 
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
@@ -239,6 +250,8 @@ def test_with_checkpoint_model_puts_the_checkpoint_first_and_leaves_other_comman
     model = json.loads(extended[2])
     assert model["backbone"]["class_path"] == "transfer_lit.TorchvisionBackbone" and model["num_classes"] == 3
     assert with_checkpoint_model(["test", f"--ckpt_path={last}"])[1] == "--model"
+    chosen = json.loads(with_checkpoint_model(argv, subclass_mode=True)[2])  # transfer-lit chooses the class
+    assert chosen["class_path"] == "transfer_lit.TransferModule" and chosen["init_args"]["num_classes"] == 3
     for unchanged in (["predict", "--ckpt_path", "last"], ["fit", "--data.root", "x"],
                       ["predict", "--ckpt_path", str(last.parent / "missing.ckpt")], ["--ckpt_path"]):
         assert with_checkpoint_model(unchanged) == unchanged
@@ -340,3 +353,39 @@ def test_a_run_prints_each_epoch_and_none_of_lightnings_alarms(images: Path, tmp
     for noise in ("tensorboardX", "litlogger", "LeafSpec", "in eval mode", "dirpath has changed",
                   "callbacks used to create the checkpoint"):
         assert noise not in out + test.stdout + test.stderr, noise
+
+
+@pytest.mark.parametrize("key", ["optimizer", "lr_scheduler"])
+def test_lightnings_top_level_optimizer_is_refused_pointing_at_the_models(
+        key: str, images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    value = "SGD" if key == "optimizer" else "StepLR"
+    extra = ["--optimizer.lr", "0.1"] if key == "optimizer" else ["--lr_scheduler.step_size", "1"]
+    message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(images), f"--{key}", value, *extra],
+                          capsys)
+    assert f"--{key} torch.optim." in message and f"give it to the model instead: --model.{key} torch.optim." in message
+
+
+def test_version_and_the_top_level_help(tmp_path: Path) -> None:
+    version = _run([str(SCRIPT), "--version"], tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("transfer-lit 0.") and "lightning 2." in version.stdout
+    top = _run([str(SCRIPT), "--help"], tmp_path)
+    assert "transfer-lit: transfer learning with PyTorch Lightning" in top.stdout and "--debug" in top.stdout
+    assert "Lightning Trainer command line tool" not in top.stdout
+
+
+def test_a_research_subclass_of_the_module_is_chosen_from_the_cli(images: Path, tmp_path: Path) -> None:
+    """LightningCLI's subclass mode: ``--model <class>`` keeps the recipe's options, adds the subclass's own, and the
+    classes still flow from the data (its hyperparameters let ``predict --ckpt_path`` rebuild it)."""
+    from cli_research_module import FocalTransferModule
+
+    FocalTransferModule.calls = 0
+    runs = tmp_path / "runs"
+    main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--model",
+          "cli_research_module.FocalTransferModule", "--model.gamma", "1.5", "--trainer.default_root_dir", str(runs)])
+    assert FocalTransferModule.calls > 0
+    (last,) = runs.rglob("last.ckpt")
+    hparams = torch.load(last, weights_only=False)["hyper_parameters"]
+    assert hparams["_class_path"] == "cli_research_module.FocalTransferModule" and hparams["gamma"] == 1.5
+    cli = TransferCLI(run=False, args=["--config", str(DEBUG), "--data.root", str(images), "--model",
+                                       "cli_research_module.FocalTransferModule"])
+    assert isinstance(cli.model, FocalTransferModule) and cli.model.num_classes == 3 and cli.model.gamma == 2.0

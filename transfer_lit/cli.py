@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -24,6 +26,7 @@ from transfer_lit.checkpoints import (
     check_config_files,
     checkpoint_folders,
     find_last_checkpoint,
+    load_torch_file,
     remove_stale_temps,
     resume_command,
     with_checkpoint_model,
@@ -33,17 +36,57 @@ from transfer_lit.errors import unwrapped, user_error_message
 from transfer_lit.module import TransferModule
 from transfer_lit.speed import apply_gpu_defaults, keep_freed_memory, native_bf16, prefer_tf32
 
+DESCRIPTION = ("transfer-lit: transfer learning with PyTorch Lightning (linear probe, fine-tune, progressive "
+               "unfreezing) for images and text. Add --debug to any command for full tracebacks of errors; "
+               "--version prints the version. Recipes: configs/README.md.")
+
 #: The data module of each modality: ``--data`` defaults to images; a text checkpoint's ``predict`` to text.
 DATA_CLASSES = {"image": "transfer_lit.ImageDataModule", "text": "transfer_lit.TextDataModule"}
 
 
 class TransferCLI(LightningCLI):
-    """LightningCLI for :class:`TransferModule` and any data module (``transfer-lit`` runs it in subclass mode:
-    ``--data transfer_lit.TextDataModule``; :class:`ImageDataModule` when the recipe names none).
+    """LightningCLI for transfer learning: ``TransferCLI(args=[...])`` is ``transfer-lit`` itself.
+
+    With no classes given, the model and the data module are chosen in subclass mode (``--model
+    myresearch.FocalTransferModule``, ``--data transfer_lit.TextDataModule``), defaulting to
+    :class:`TransferModule` and :class:`ImageDataModule` when a recipe names none; ``--model.help CLASS`` and
+    ``--data.help CLASS`` list their options. Explicit classes keep LightningCLI's behaviour for them. Either way
+    the trainer gets transfer_lit's defaults (:meth:`default_callbacks`, atomic checkpoint writes), as does a
+    subclass of this class; a ``trainer_defaults`` argument adds to and overrides them key by key.
 
     The number and names of the classes flow from the data to the model; the preprocessing flows
     from the backbone's weights to the data at run time (``resolved_preprocessing`` of the data modules).
     """
+
+    def __init__(self, model_class: Any = None, datamodule_class: Any = None, *,
+                 fault_tolerance: FaultTolerance | None = None, **kwargs: Any) -> None:
+        if model_class is None:
+            model_class = TransferModule
+            kwargs.setdefault("subclass_mode_model", True)
+        if datamodule_class is None:
+            datamodule_class = LightningDataModule
+            kwargs.setdefault("subclass_mode_data", True)
+        defaults = {"callbacks": self.default_callbacks(fault_tolerance or FaultTolerance()),
+                    # Every checkpoint write goes to a temp file + fsync + os.replace: a kill never corrupts last.ckpt.
+                    "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]}
+        kwargs["trainer_defaults"] = {**defaults, **(kwargs.get("trainer_defaults") or {})}
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        super().__init__(model_class, datamodule_class, **kwargs)
+
+    @staticmethod
+    def default_callbacks(fault_tolerance: FaultTolerance) -> list[Callback]:
+        """The best and the last checkpoint, the learning rates, one line per epoch, stopping on a signal."""
+        return [
+            ModelCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}-{val_acc:.4f}"),
+            # last.ckpt after every epoch: since Lightning 2.6, save_last=True on a monitoring
+            # ModelCheckpoint only refreshes it when the monitored metric improves.
+            ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
+            LearningRateMonitor(logging_interval="epoch"),
+            EpochSummary(),
+            fault_tolerance,
+        ]
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -54,17 +97,39 @@ class TransferCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
         check_config_files(argv)
-        self.config = parser.parse_args(with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None))
+        self.config = parser.parse_args(with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None,
+                                                              self.subclass_mode_model))
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """In subclass mode :meth:`parse_arguments` already put the checkpoint's class and hyperparameters first on
+        the command line (so the user's options win); LightningCLI's own pass would re-apply them as ``dict_kwargs``,
+        which jsonargparse refuses for nested classes (``model.dict_kwargs.backbone.init_args.name``)."""
+        if self.subclass_mode_model or not self.config.get("subcommand"):
+            return
+        # LightningCLI's own pass for explicit model classes, without a `_class_path` (a checkpoint written by
+        # `transfer-lit`, in subclass mode): the checkpoint's hyperparameters over the parsed config.
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
+        loaded = load_torch_file(path, "--ckpt_path", mmap=True)
+        hparams = dict((loaded.get("hyper_parameters") if isinstance(loaded, dict) else None) or {})
+        for key in ("_instantiator", "_class_path"):
+            hparams.pop(key, None)
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", compute_fn=self._or_checkpoint("num_classes"),
-                              apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", compute_fn=self._or_checkpoint("class_names"),
-                              apply_on="instantiate")
+        model = "model.init_args" if self.subclass_mode_model else "model"
+        for key in ("num_classes", "class_names"):
+            parser.link_arguments(f"data.{key}", f"{model}.{key}", compute_fn=self._or_checkpoint(key),
+                                  apply_on="instantiate")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
         if self.subclass_mode_data:  # `--data` picks the data module; images when the recipe names none
             parser.set_defaults({"data": {"class_path": DATA_CLASSES["image"]}})
+        if self.subclass_mode_model:
+            parser.set_defaults({"model": {"class_path": "transfer_lit.TransferModule"}})
 
     def _or_checkpoint(self, key: str) -> Callable[[Any], Any]:
         """Link value: the data's classes, or the ``--ckpt_path`` checkpoint's when the data has none
@@ -75,7 +140,17 @@ class TransferCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         # LightningCLI has read the hyperparameters of --ckpt_path (if any) into the model's config.
-        self._checkpoint_classes = {k: config["model"].get(k) for k in ("num_classes", "class_names")}
+        model = config["model"].get("init_args", config["model"]) if self.subclass_mode_model else config["model"]
+        self._checkpoint_classes = {k: model.get(k) for k in ("num_classes", "class_names")}
+        for key in ("optimizer", "lr_scheduler"):  # LightningCLI's own: one group over every parameter
+            chosen = config.get(key)
+            if chosen:
+                name = getattr(chosen, "class_path", chosen)
+                raise ValueError(
+                    f"--{key} {name} would replace transfer_lit's parameter groups (head, backbone.<block>, their "
+                    f"no_decay twins) and their learning rates with one group; give it to the model instead: "
+                    f"--model.{key} {name} (learning rates come from model.lr, model.backbone_lr_mult and "
+                    f"model.layer_decay)")
         trainer = config["trainer"]
         cuda = torch.cuda.is_available()
         apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
@@ -139,32 +214,9 @@ class TransferCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None, fault_tolerance: FaultTolerance | None = None, run: bool = True) -> TransferCLI:
-    """The ``transfer-lit`` CLI with its defaults (checkpoints, LR monitor, atomic writes), run on ``args``.
-
-    ``main`` adds error reporting and signal handling; benchmarks and notebooks use this to keep the objects.
-    """
-    return TransferCLI(
-        TransferModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "callbacks": [
-                ModelCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}-{val_acc:.4f}"),
-                # last.ckpt after every epoch: since Lightning 2.6, save_last=True on a monitoring
-                # ModelCheckpoint only refreshes it when the monitored metric improves.
-                ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
-                LearningRateMonitor(logging_interval="epoch"),
-                EpochSummary(),
-                fault_tolerance or FaultTolerance(),
-            ],
-            # Every checkpoint write goes to a temp file + fsync + os.replace: a kill never corrupts last.ckpt.
-            "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
-        },
-    )
+    """The ``transfer-lit`` CLI run on ``args`` (``main`` adds error reporting and signal handling; benchmarks and
+    notebooks use this to keep the objects)."""
+    return TransferCLI(args=args, run=run, fault_tolerance=fault_tolerance)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -175,6 +227,9 @@ def main(args: list[str] | None = None) -> None:
     """
     keep_freed_memory()
     argv = list(sys.argv[1:] if args is None else args)
+    if argv == ["--version"]:
+        print(f"transfer-lit {version('transfer-lit')} (lightning {version('lightning')}, torch {torch.__version__})")
+        return
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     fault_tolerance = FaultTolerance()
@@ -183,7 +238,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         with quiet_lightning(subcommand):
             # None when argv is the command line itself: LightningCLI warns when given both.
-            build_cli(None if argv == sys.argv[1:] else argv, fault_tolerance)
+            TransferCLI(args=None if argv == sys.argv[1:] else argv, fault_tolerance=fault_tolerance)
     except (KeyboardInterrupt, SystemExit) as stop:
         # SIGTERM / first Ctrl-C: FaultTolerance saved a checkpoint and set the exit code (143 / 130).
         # Second Ctrl-C: Lightning exits with 1 from its KeyboardInterrupt handler; report 130 as shells do.

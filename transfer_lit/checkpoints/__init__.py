@@ -3,7 +3,13 @@
 
 from transfer_lit.checkpoints.compat import check_checkpoint_fits, describe_config
 from transfer_lit.checkpoints.hparams import check_config_files, with_checkpoint_model
-from transfer_lit.checkpoints.io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temps, temp_path
+from transfer_lit.checkpoints.io import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    load_torch_file,
+    remove_stale_temps,
+    temp_path,
+)
 from transfer_lit.checkpoints.locate import checkpoint_dir, checkpoint_folders, find_last_checkpoint, resume_command
 from transfer_lit.checkpoints.rng import capture_rng, restore_rng
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
@@ -18,6 +24,7 @@ __all__ = [
     "checkpoint_folders",
     "describe_config",
     "find_last_checkpoint",
+    "load_torch_file",
     "remove_stale_temps",
     "restore_rng",
     "restore_transfer_state",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from transfer_lit.checkpoints.io import load_torch_file
 
 
-def with_checkpoint_model(argv: list[str], data_classes: dict[str, str] | None = None) -> list[str]:
+def with_checkpoint_model(argv: list[str], data_classes: dict[str, str] | None = None,
+                          subclass_mode: bool = False) -> list[str]:
     """``argv`` with ``--model <the checkpoint's model hyperparameters>`` right after the subcommand, when
     ``--ckpt_path`` names a checkpoint file, so that whatever the command line sets comes after (and wins).
 
@@ -17,6 +19,7 @@ def with_checkpoint_model(argv: list[str], data_classes: dict[str, str] | None =
         argv: the command line.
         data_classes: ``{modality: data module class path}``: also ``--data <class>`` for the modality of the
             checkpoint's preprocessing (a text checkpoint predicts with the text data module), unless argv names one.
+        subclass_mode: the CLI chooses the model class (``--model {class_path, init_args}``): the checkpoint's own.
     """
     commands = [i for i, arg in enumerate(argv) if arg in ("fit", "validate", "test", "predict")]
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
@@ -27,9 +30,11 @@ def with_checkpoint_model(argv: list[str], data_classes: dict[str, str] | None =
     # mmap: only the hyperparameters are read, not gigabytes of weights; an unreadable file is reported here, at once
     loaded = load_torch_file(path, "--ckpt_path", mmap=True)
     hparams = (loaded.get("hyper_parameters") if isinstance(loaded, dict) else None) or {}
-    model = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if not model or "_class_path" in hparams:  # saved outside this CLI's model class
+    model: dict[str, Any] = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if not model:
         return argv
+    if subclass_mode:  # the class that was trained (saved by a CLI in subclass mode), else transfer_lit's own
+        model = {"class_path": hparams.get("_class_path", "transfer_lit.TransferModule"), "init_args": model}
     try:
         encoded = json.dumps(model, ensure_ascii=False)  # escaped, an emoji's surrogate pair is invalid YAML
     except (TypeError, ValueError):  # an object jsonargparse could not read back either
