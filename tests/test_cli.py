@@ -389,3 +389,18 @@ def test_a_research_subclass_of_the_module_is_chosen_from_the_cli(images: Path, 
     cli = TransferCLI(run=False, args=["--config", str(DEBUG), "--data.root", str(images), "--model",
                                        "cli_research_module.FocalTransferModule"])
     assert isinstance(cli.model, FocalTransferModule) and cli.model.num_classes == 3 and cli.model.gamma == 2.0
+
+
+def test_what_is_shown_as_the_optimizer_lr_is_what_the_head_trained_at(images: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--model.lr", "0.05",
+          "--trainer.default_root_dir", str(tmp_path)])
+    (saved,) = tmp_path.rglob("config.yaml")
+    assert yaml.safe_load(saved.read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.05
+    (last,) = tmp_path.rglob("last.ckpt")
+    assert torch.load(last, weights_only=False)["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 0.05
+    message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(images),
+                           "--model.optimizer.init_args.lr", "0.3"], capsys)
+    assert "model.optimizer.init_args.lr=0.3 is not used: every parameter group gets its own learning rate" in message

@@ -7,6 +7,8 @@ signal (:class:`~transfer_lit.FaultTolerance`). Nothing in the package imports t
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
@@ -151,6 +153,7 @@ class TransferCLI(LightningCLI):
                     f"no_decay twins) and their learning rates with one group; give it to the model instead: "
                     f"--model.{key} {name} (learning rates come from model.lr, model.backbone_lr_mult and "
                     f"model.layer_decay)")
+        self._show_the_head_lr(model)
         trainer = config["trainer"]
         cuda = torch.cuda.is_available()
         apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
@@ -168,6 +171,26 @@ class TransferCLI(LightningCLI):
         unwanted += [ModelCheckpoint] if trainer.get("enable_checkpointing") is False else []
         callbacks = self.trainer_defaults.get("callbacks", [])
         self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, tuple(unwanted))]
+
+    @staticmethod
+    def _show_the_head_lr(model: Any) -> None:
+        """Every parameter group gets its own learning rate (``model.lr``, ``backbone_lr_mult``, ``layer_decay``), so
+        the optimizer's own ``lr`` is never used: show ``model.lr`` there (in ``--print_config``, ``config.yaml`` and
+        the checkpoint's hyperparameters), and refuse a value set on purpose, which would silently do nothing."""
+        optimizer = model.get("optimizer")
+        init_args = getattr(optimizer, "init_args", None)
+        if init_args is None or "lr" not in init_args or "lr" not in model:
+            return
+        try:
+            module, _, name = optimizer.class_path.rpartition(".")
+            default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["lr"].default
+        except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+            return
+        if init_args["lr"] not in (default, model["lr"]):
+            raise ValueError(f"model.optimizer.init_args.lr={init_args['lr']} is not used: every parameter group gets "
+                             f"its own learning rate; set model.lr (the head's, now {model['lr']}), "
+                             f"model.backbone_lr_mult and model.layer_decay instead")
+        init_args["lr"] = model["lr"]
 
     def _resolve_last_checkpoint(self) -> None:
         # Partial writes of killed processes, in this configuration's every version folder (18 MB+ each).
