@@ -151,6 +151,9 @@ def test_ctrl_c_to_every_ddp_rank_saves_a_checkpoint_and_exits_130(images: Path,
         while not ready.is_file():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
+        # Into the next epoch's steps (0.1 s each): a signal while the ranks are still in the checkpoint write's barrier
+        # can hang them, which is issue 13 item 18 (open); seen once in three full suite runs when signalled at once.
+        time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:
