@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from transfer_lit.callbacks import CSVPredictionWriter, EpochSummary, FaultTolerance
+from transfer_lit.callbacks.epoch_summary import validation_summary
 from transfer_lit.callbacks.fault_tolerance import EXIT_CODES
 from transfer_lit.checkpoints import (
     AtomicCheckpointIO,
@@ -218,9 +219,8 @@ class TransferCLI(LightningCLI):
         """Print the last validation metrics and where the checkpoints are, without needing the progress bar."""
         if not self.trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val_")}
-        if metrics:
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        shown = validation_summary(self.trainer)
+        if shown:
             print(f"transfer-lit: validation after epoch {self.trainer.current_epoch - 1}: {shown}")
         best_path = getattr(self.trainer.checkpoint_callback, "best_model_path", None)
         if best_path:

@@ -7,6 +7,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 
+def validation_summary(trainer: Trainer) -> str:
+    """``val_acc=0.9500  val_loss=0.1234 ...``: the trainer's current validation metrics, sorted, or ``""``."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+    return "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+
+
 class EpochSummary(Callback):
     """Print ``epoch N: val_acc=... val_loss=...`` after each validation epoch, on rank 0, when the trainer has no
     progress bar (``trainer.enable_progress_bar: false``, batch jobs, CI logs); with one, it shows them already."""
@@ -15,7 +21,6 @@ class EpochSummary(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.progress_bar_callback is not None or not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
-        if metrics:
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        shown = validation_summary(trainer)
+        if shown:
             print(f"transfer-lit: epoch {trainer.current_epoch}: {shown}", flush=True)

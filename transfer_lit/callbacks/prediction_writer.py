@@ -14,6 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from transfer_lit.checkpoints.io import temp_path
 from transfer_lit.errors import storage_error
 from transfer_lit.protocols import Classifier
 
@@ -47,7 +48,7 @@ class CSVPredictionWriter(BasePredictionWriter):
             path.parent.mkdir(parents=True, exist_ok=True)
             column = getattr(getattr(trainer, "datamodule", None), "prediction_column", "file")
             names = list(pl_module.class_names) if isinstance(pl_module, Classifier) else []
-            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temp = temp_path(path)  # hidden, per process, same folder: the checkpoints' own temp naming
             with temp.open("w", newline="") as f:
                 csv.writer(f).writerow([column, "prediction", "probability", *(f"p_{n}" for n in names)])
         except OSError as error:  # read-only folder, no permission, full disk: before any prediction is made
