@@ -242,3 +242,65 @@ def test_learning_rate_monitor_uses_group_names(tmp_path: Path) -> None:
     assert {"lr-AdamW/head", "lr-AdamW/backbone.block2", "unfreeze_phase", "trainable_params"} <= set(header)
     assert monitor.lrs["lr-AdamW/head"] == [0.05, 0.05]
     assert monitor.lrs["lr-AdamW/backbone.block2"] == pytest.approx([0.005, 0.005])
+
+
+def test_train_bn_trains_the_batchnorm_of_frozen_blocks_and_nothing_else_in_them(caplog: pytest.LogCaptureFixture) -> None:
+    # Lightning's and fastai's train_bn=True: BatchNorm affine parameters of frozen blocks train (batch statistics
+    # too); the rest of a frozen block does not move.
+    model = module(bn_policy="train_bn")
+    stem_conv = [t.detach().clone() for t in model.backbone.stem[0].parameters()]
+    stem_bn = [t.detach().clone() for t in model.backbone.stem[1].parameters()]
+    running = model.backbone.stem[1].running_mean.clone()
+    with caplog.at_level(logging.INFO):
+        trainer(2, [ProgressiveUnfreezing(schedule={1: "block2"})]).fit(model, loader())
+    assert model.frozen_blocks == {"stem", "block1"}
+    assert all(torch.equal(a, b) for a, b in zip(stem_conv, model.backbone.stem[0].parameters(), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(stem_bn, model.backbone.stem[1].parameters(), strict=True))
+    assert not torch.equal(running, model.backbone.stem[1].running_mean)
+    model.train()
+    assert model.backbone.stem[1].training
+    groups = {g["name"]: g for g in model.trainer.optimizers[0].param_groups}
+    assert groups["backbone.stem.bn"]["gate"] == 1.0 and groups["backbone.stem"]["gate"] == 0.0
+    # trainable count of phase 0: the head plus every BatchNorm's weight and bias (8 + 8 + 16 channels, x2)
+    head = sum(p.numel() for p in model.head.parameters())
+    assert f"trainable parameters {head + 2 * (8 + 8 + 16):,} /" in caplog.text
+
+
+def test_train_bn_is_refused_for_a_linear_probe() -> None:
+    with pytest.raises(ValueError, match=r"model.bn_policy='train_bn'.*model.mode='linear_probe'"):
+        module(mode="linear_probe", bn_policy="train_bn")
+
+
+# ---------------------------------------------------------------------------------------------- one optimizer
+
+
+class TwoOptimizers(TransferModule):
+    """Manual optimization with a second, ungated optimizer over the backbone (`two`: beside the gated one)."""
+
+    def __init__(self, two: bool = True, **kwargs: Any) -> None:
+        super().__init__(TinyBackbone(), num_classes=3, mode="progressive", **kwargs)
+        self.automatic_optimization = False
+        self.two = two
+
+    def configure_optimizers(self) -> Any:
+        first = super().configure_optimizers()
+        extra = torch.optim.SGD(self.backbone.parameters(), lr=0.1)
+        return [first, extra] if self.two else extra
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self.loss(self.batch_logits(batch), batch[1])
+        self.manual_backward(loss)
+        for opt in self.optimizers() if isinstance(self.optimizers(), list) else [self.optimizers()]:
+            opt.step()
+
+
+@pytest.mark.parametrize(("two", "expected"), [
+    (True, r"configure_optimizers returned 2 optimizers \['AdamW', 'SGD'\]; transfer_lit trains with one"),
+    (False, r"configure_optimizers returned a SGD without transfer_lit's LR gates"),
+])
+def test_a_second_or_ungated_optimizer_is_refused_before_any_step(two: bool, expected: str) -> None:
+    model = TwoOptimizers(two=two)
+    before = [t.detach().clone() for t in model.backbone.parameters()]
+    with pytest.raises(ValueError, match=expected):
+        trainer(1, [ProgressiveUnfreezing(schedule={1: "block2"})]).fit(model, loader())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters(), strict=True))

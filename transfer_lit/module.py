@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -22,6 +22,7 @@ from transfer_lit.checkpoints.hparams import given_hparams
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
 from transfer_lit.finite_check import FiniteCheck
 from transfer_lit.freezing import BNPolicy, FreezingHooks, FreezingStrategy, FrozenBlocks, build_freezing
+from transfer_lit.freezing.blocks import Mode, check_modes
 from transfer_lit.heads import HeadFactory, LinearHead
 from transfer_lit.losses import class_probabilities, classification_loss
 from transfer_lit.metrics import StageMetrics, Task, check_task
@@ -29,8 +30,6 @@ from transfer_lit.param_groups import LearningRatePolicy, OptimizerRecipe, run_l
 from transfer_lit.preprocessing import Preprocessing, resolve_preprocessing
 from transfer_lit.protocols import CachedFeatures
 from transfer_lit.speed import BackboneSpeed
-
-Mode = Literal["linear_probe", "finetune", "progressive"]
 
 
 class TransferModule(LightningModule):
@@ -55,9 +54,10 @@ class TransferModule(LightningModule):
         label_smoothing: label smoothing of the loss (0 = off).
         class_weights: per-class loss weights (length ``num_classes``), for imbalanced data.
         class_names: names of the classes, kept in the checkpoint; the CLI fills them from the data.
-        bn_policy: BatchNorm of frozen blocks: ``train`` (batch statistics, running stats updated),
-            ``eval`` (pretrained statistics, kept in eval mode; default) or ``frozen`` (every backbone
-            BatchNorm in eval mode with its affine parameters never trained, even once thawed).
+        bn_policy: BatchNorm of frozen blocks: ``train`` (batch statistics, running stats updated), ``train_bn``
+            (that, and their affine parameters train too: Lightning's and fastai's ``train_bn=True``), ``eval``
+            (pretrained statistics, kept in eval mode; default) or ``frozen`` (every backbone BatchNorm in eval
+            mode with its affine parameters never trained, even once thawed).
         preprocessing: overrides (``crop_size``, ``mean``, ...) of what the backbone's weights declare (after a
             reload: what the checkpoint was trained with), which wins over the backbone's defaults.
         check_finite: stop with a clear error at a NaN or infinite training loss (on CUDA two steps later).
@@ -100,9 +100,7 @@ class TransferModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[] if given_hparams() else ["backbone", "head", "optimizer", "lr_scheduler"])
-        for key, value, valid in (("mode", mode, get_args(Mode)), ("bn_policy", bn_policy, get_args(BNPolicy))):
-            if value not in valid:
-                raise ValueError(f"model.{key} must be one of {list(valid)}, got {value!r}")
+        check_modes(mode, bn_policy)
         check_task(task, num_classes, class_names, class_weights, label_smoothing)
         self.backbone = as_backbone(backbone)
         self.head = head(self.backbone.num_features, 1 if task == "binary" else num_classes)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from transfer_lit.backbones.base import Backbone
+from transfer_lit.freezing.blocks import batchnorms
 from transfer_lit.freezing.frozen import FrozenBlocks
 from transfer_lit.freezing.gates import install_lr_gate
 from transfer_lit.schedulers import RunLengthAware
@@ -74,17 +75,26 @@ def _split(prefix: str, named: Iterable[tuple[str, nn.Parameter]], lr: float, wd
     return groups
 
 
-def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRatePolicy) -> list[dict[str, Any]]:
+def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRatePolicy,
+                       bn_policy: str = "eval") -> list[dict[str, Any]]:
     """One decay and one no-decay group per backbone block (``backbone.<block>``) and for the head.
 
     Membership is by parameter identity (``Backbone.block_params`` walks ``named_parameters``), never by value.
-    Groups carry ``name`` (for LearningRateMonitor), ``block`` and ``gate`` keys.
+    Groups carry ``name`` (for LearningRateMonitor), ``block`` and ``gate`` keys. Under ``bn_policy='train_bn'`` a
+    block's BatchNorm parameters get a ``backbone.<block>.bn`` group of their own, marked ``ungated``: they train
+    while the block is frozen, so no gate holds them.
     """
     blocks = backbone.block_params()
     lrs = policy.block_lrs(list(blocks))
     groups: list[dict[str, Any]] = []
     declared = backbone.no_weight_decay_names()
     for block, named in blocks.items():
+        bn = {id(p) for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False)}
+        if bn_policy == "train_bn" and bn:
+            groups.append({"name": f"backbone.{block}.bn", "params": [p for _, p in named if id(p) in bn],
+                           "lr": lrs[block], "weight_decay": 0.0, "block": f"backbone.{block}", "gate": 1.0,
+                           "ungated": True})
+            named = [(n, p) for n, p in named if id(p) not in bn]
         groups += _split(f"backbone.{block}", named, lrs[block], policy.weight_decay, declared)
     groups += _split("head", head.named_parameters(), policy.lr, policy.weight_decay)
     seen: set[int] = set()
@@ -129,7 +139,7 @@ class OptimizerRecipe:
         """What ``configure_optimizers`` returns: the optimizer over every group (gated, fused where it helps) and,
         if any, the scheduler's Lightning config. ``run_length(interval)``: the run's scheduler steps, told to a
         :class:`~transfer_lit.schedulers.RunLengthAware` scheduler that was not given its length."""
-        groups = build_param_groups(backbone, head, self.policy)
+        groups = build_param_groups(backbone, head, self.policy, frozen.bn_policy)
         optimizer = build_optimizer(self.optimizer, groups, device, allow_fused=frozen.strategy.allows_fused_optimizer)
         install_lr_gate(optimizer, lr_scale)
         frozen.attach(optimizer)

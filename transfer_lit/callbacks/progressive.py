@@ -214,11 +214,13 @@ class ProgressiveUnfreezing(Callback):
                                 for block, step in self.thaw_steps.items() if block not in module.frozen_blocks})
 
     def trainable_params(self, frozen: set[str], bn_policy: str) -> int:
-        """Parameters the optimizer updates when ``frozen`` blocks are frozen (BatchNorm ones stay
-        frozen under ``bn_policy='frozen'``)."""
-        bn_held = bn_policy == "frozen"
-        held = sum(size if b in frozen else (bn if bn_held else 0) for b, (size, bn) in self._sizes.items())
-        return self._total - held
+        """Parameters the optimizer updates when ``frozen`` blocks are frozen (BatchNorm ones stay frozen under
+        ``bn_policy='frozen'`` and train in frozen blocks under ``train_bn``)."""
+        def held(block: str, size: int, bn: int) -> int:
+            if block in frozen:
+                return size - bn if bn_policy == "train_bn" else size
+            return bn if bn_policy == "frozen" else 0
+        return self._total - sum(held(b, size, bn) for b, (size, bn) in self._sizes.items())
 
     # ------------------------------------------------------------------ checkpoint
 

@@ -1,7 +1,7 @@
 """Freezing: what a frozen block is (:mod:`.blocks`), the LR gate (:mod:`.gates`) and one object per training
 strategy that owns every strategy-specific step (:mod:`.strategies`)."""
 
-from transfer_lit.freezing.blocks import BNPolicy, batchnorms, set_batchnorm_modes, set_requires_grad
+from transfer_lit.freezing.blocks import BNPolicy, Mode, batchnorms, check_modes, set_batchnorm_modes, set_requires_grad
 from transfer_lit.freezing.frozen import FrozenBlocks
 from transfer_lit.freezing.gates import group_by_name, install_lr_gate, set_gate
 from transfer_lit.freezing.hooks import FreezingHooks
@@ -23,9 +23,11 @@ __all__ = [
     "FreezingStrategy",
     "FrozenBlocks",
     "GateOnlyFreezing",
+    "Mode",
     "ThawedGradientSync",
     "batchnorms",
     "build_freezing",
+    "check_modes",
     "group_by_name",
     "install_lr_gate",
     "reset_optimizer_state",

@@ -38,6 +38,28 @@ def install_lr_gate(optimizer: Optimizer, lr_scale: Callable[[], float]) -> None
 
     optimizer.register_step_pre_hook(pre_hook)
     optimizer.register_step_post_hook(post_hook)
+    setattr(optimizer, _GATED, True)
+
+
+_GATED = "_transfer_lit_gated"
+
+
+def check_one_gated_optimizer(optimizers: list[Optimizer], needs_gates: bool) -> None:
+    """Refuse a second optimizer, and (``needs_gates``: some block is or starts frozen) an optimizer without the gate.
+
+    Frozen blocks and warm-ups act only through the gates of the one optimizer the module builds: any other
+    optimizer would step frozen blocks at their full learning rate.
+    """
+    if len(optimizers) > 1:
+        names = [type(o).__name__ for o in optimizers]
+        raise ValueError(f"configure_optimizers returned {len(optimizers)} optimizers {names}; transfer_lit trains "
+                         "with one: frozen blocks and warm-ups act through the LR gates of the optimizer the module "
+                         "builds, so a second one would move frozen blocks at full learning rate. Put every "
+                         "parameter group in one optimizer (extend TransferModule.configure_optimizers' groups)")
+    if needs_gates and optimizers and not getattr(optimizers[0], _GATED, False):
+        raise ValueError(f"configure_optimizers returned a {type(optimizers[0]).__name__} without transfer_lit's LR "
+                         "gates, so frozen blocks would train; build it with OptimizerRecipe.build (as "
+                         "TransferModule.configure_optimizers does) or call install_lr_gate on it")
 
 
 def group_by_name(optimizer: Optimizer) -> dict[str, dict[str, Any]]:
@@ -52,7 +74,8 @@ def set_gate(optimizer: Optimizer, block: str, value: float) -> None:
     found = False
     for group in optimizer.param_groups:
         if group.get("block") == block:
-            group["gate"] = float(value)
+            if not group.get("ungated", False):  # BatchNorm under bn_policy 'train_bn' trains whatever the gate
+                group["gate"] = float(value)
             found = True
     if not found:
         valid = sorted({g["block"] for g in optimizer.param_groups if "block" in g})

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from transfer_lit.freezing.gates import check_one_gated_optimizer
 from transfer_lit.protocols import Freezable
 
 
@@ -38,6 +39,7 @@ class FreezingHooks(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module is self.owner:
+            check_one_gated_optimizer(trainer.optimizers, needs_gates=bool(self.owner.frozen.blocks))
             self.owner.frozen.strategy.on_fit_start(pl_module)
 
     @override
