@@ -10,6 +10,9 @@ initial and final state dict, the parameters with optimizer state (and its large
 SGD, saving the final state dict, to compare against one process trained on the union of the two ranks'
 batches (:func:`union_run`). ``text``: a tiny BERT (``MODEL_DIR``) thawed the same way on length-bucketed
 text batches (``TRAIN_TSV``), saving the final state dict and a checksum of the token ids each rank saw.
+``metric``: metric-driven phases with ``restore_best`` and ``bn_policy: train_bn``, on a score that differs
+per rank (rank 1's alone would never end a phase), saving the phase starts, the weights at each epoch start and
+after each validation, and the final state dict.
 """
 
 from __future__ import annotations
@@ -109,7 +112,51 @@ def text_run(out: Path, model_dir: str, train: str) -> None:
                out / f"rank{trainer.global_rank}.pt")
 
 
+SCRIPTS = [[0.5, 0.4, 0.6, 0.7, 0.65, 0.6, 0.9, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]
+
+
+class RankScore(TransferModule):
+    """Logs ``score``: this rank's own script (not synced), so only one decision for all ranks keeps them equal."""
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self.log("score", SCRIPTS[self.global_rank][self.current_epoch])
+
+
+def metric_run(out: Path) -> None:
+    torch.set_num_threads(1)
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 16, 16, generator=g) * 2 + 0.5, torch.randint(0, 3, (48,), generator=g))
+    model = RankScore(TinyBackbone(), num_classes=3, mode="progressive", lr=0.05, backbone_lr_mult=0.1,
+                      bn_policy="train_bn")
+    snapshots: dict[str, dict[str, torch.Tensor]] = {}
+
+    class Snapshots(Callback):
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+            snapshots[f"start{trainer.current_epoch}"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+        def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                snapshots[f"val{trainer.current_epoch}"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    callback = ProgressiveUnfreezing(schedule={2: "block2", 4: "block1"}, monitor="score", monitor_mode="max",
+                                     restore_best=True)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=8, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[callback, Snapshots()],
+    )
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    trainer.fit(model, loader, DataLoader(data, batch_size=8))
+    torch.save({"starts": callback.starts, "epochs": trainer.current_epoch, "snapshots": snapshots,
+                "frozen": sorted(model.frozen_blocks)}, out / f"rank{trainer.global_rank}.pt")
+
+
 def main(out: Path, strategy: str) -> None:
+    if strategy == "metric":
+        metric_run(out)
+        return
     if strategy == "text":
         text_run(out, sys.argv[3], sys.argv[4])
         return

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import COLORS, make_image_folder
 
-from transfer_lit import ImageDataModule, TransferModule
+from transfer_lit import ImageDataModule, ProgressiveUnfreezing, TransferModule
+from transfer_lit.callbacks.phases import Phase
 from transfer_lit.checkpoints import with_checkpoint_model
 from transfer_lit.cli import TransferCLI, main
 
@@ -404,3 +406,25 @@ def test_what_is_shown_as_the_optimizer_lr_is_what_the_head_trained_at(images: P
     message = _user_error(["fit", "--config", str(DEBUG), "--data.root", str(images),
                            "--model.optimizer.init_args.lr", "0.3"], capsys)
     assert "model.optimizer.init_args.lr=0.3 is not used: every parameter group gets its own learning rate" in message
+
+
+def test_print_schedule_prints_the_phases_and_yaml_that_fit_accepts_back(images: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = ["--config", str(DEBUG.with_name("progressive.yaml")), "--model.backbone.init_args.weights", "null",
+              "--data.root", str(images), "--trainer.default_root_dir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *recipe, "--print_schedule"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "ProgressiveUnfreezing: 3 phases, epoch-driven" in out and "features.10, features.11, features.12, features.13" in out
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    dumped = tmp_path / "schedule.yaml"
+    dumped.write_text(out[out.index("trainer:"):])
+    spec = yaml.safe_load(dumped.read_text())["trainer"]["callbacks"][0]["init_args"]
+    assert spec["schedule"][4] == ["features.10", "features.11", "features.12", "features.13"]
+    assert spec["warmup_steps"] == 20
+    cli = TransferCLI(run=False, args=[*recipe, "--config", str(dumped)])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressiveUnfreezing)]
+    assert callback.resolve_phases(cli.model.backbone.block_names()) == [
+        Phase(1, ["features.17", "features.18"]), Phase(2, ["features.14", "features.15", "features.16"]),
+        Phase(4, ["features.10", "features.11", "features.12", "features.13"])]

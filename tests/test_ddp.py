@@ -122,3 +122,18 @@ def test_fsdp_recipe_parses(image_folder: Path) -> None:
     assert trainer.strategy.kwargs["use_orig_params"] is True  # per-block parameter groups need the originals
     assert "EncoderBlock" in repr(trainer.strategy.kwargs["auto_wrap_policy"])
     assert any(isinstance(c, ProgressiveUnfreezing) for c in trainer.callbacks)
+
+
+def test_metric_driven_phases_and_restore_best_keep_the_ranks_identical(tmp_path: Path) -> None:
+    """Each rank logs its own score (rank 1's keeps improving): rank 0's decides for both, so both thaw at the same
+    epochs, restore the same best weights (BatchNorm of frozen blocks training under train_bn) and end equal."""
+    ranks = _run_worker(tmp_path, "metric")
+    for rank in ranks:
+        assert rank["starts"] == [2, 4] and rank["epochs"] == 6 and rank["frozen"] == ["stem"]
+        shots = rank["snapshots"]
+        for restored, best in (("start2", "val0"), ("start4", "val3")):
+            assert all(torch.equal(shots[restored][k], v) for k, v in shots[best].items()), (restored, best)
+    final = [rank["snapshots"]["val5"] for rank in ranks]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    stem_bn = "backbone.stem.1.weight"
+    assert not torch.equal(ranks[0]["snapshots"]["start0"][stem_bn], final[0][stem_bn])  # train_bn: it trained

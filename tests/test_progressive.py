@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_lit import ProgressiveUnfreezing, TransferModule
+from transfer_lit.callbacks.phases import Phase
 
 BLOCKS = ["stem", "block1", "block2"]
 
@@ -78,7 +79,7 @@ def test_schedule_thaws_blocks_at_their_epochs_and_logs_each_phase(caplog: pytes
         trainer(4, [callback, recorder]).fit(model, loader())
     assert recorder.frozen == [set(BLOCKS), {"stem", "block1"}, {"stem", "block1"}, set()]
     assert recorder.trainable == [set(), {"block2"}, {"block2"}, set(BLOCKS)]
-    phases = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ProgressiveUnfreezing")]
+    phases = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ProgressiveUnfreezing: epoch")]
     total = sum(p.numel() for p in model.parameters())
     assert len(phases) == 3  # one line per phase, not per epoch
     assert "phase 1/2: thawed ['block2']" in phases[1] and f"/ {total:,}" in phases[1]
@@ -89,11 +90,11 @@ def test_schedule_thaws_blocks_at_their_epochs_and_logs_each_phase(caplog: pytes
 
 def test_every_n_epochs_thaws_from_the_head_side() -> None:
     assert ProgressiveUnfreezing(every_n_epochs=2).resolve_phases(BLOCKS) == [
-        (2, ["block2"]), (4, ["block1"]), (6, ["stem"])]
+        Phase(2, ["block2"]), Phase(4, ["block1"]), Phase(6, ["stem"])]
     assert ProgressiveUnfreezing(every_n_epochs=1, start_epoch=3, num_blocks=2).resolve_phases(BLOCKS) == [
-        (3, ["block2"]), (4, ["block1"])]
+        Phase(3, ["block2"]), Phase(4, ["block1"])]
     assert ProgressiveUnfreezing(schedule={0: "block2", 2: "all"}).resolve_phases(BLOCKS) == [
-        (0, ["block2"]), (2, ["stem", "block1"])]
+        Phase(0, ["block2"]), Phase(2, ["stem", "block1"])]
 
 
 def test_warmup_ramps_the_gate_of_each_newly_thawed_block() -> None:
@@ -244,7 +245,7 @@ def test_learning_rate_monitor_uses_group_names(tmp_path: Path) -> None:
     assert monitor.lrs["lr-AdamW/backbone.block2"] == pytest.approx([0.005, 0.005])
 
 
-def test_train_bn_trains_the_batchnorm_of_frozen_blocks_and_nothing_else_in_them(caplog: pytest.LogCaptureFixture) -> None:
+def test_train_bn_trains_the_batchnorm_of_frozen_blocks_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
     # Lightning's and fastai's train_bn=True: BatchNorm affine parameters of frozen blocks train (batch statistics
     # too); the rest of a frozen block does not move.
     model = module(bn_policy="train_bn")

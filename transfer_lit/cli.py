@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from transfer_lit.callbacks import CSVPredictionWriter, EpochSummary, FaultTolerance
+from transfer_lit.callbacks import CSVPredictionWriter, EpochSummary, FaultTolerance, ProgressiveUnfreezing
 from transfer_lit.callbacks.epoch_summary import validation_summary
 from transfer_lit.callbacks.fault_tolerance import EXIT_CODES
 from transfer_lit.checkpoints import (
@@ -129,6 +129,8 @@ class TransferCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"{model}.{key}", compute_fn=self._or_checkpoint(key),
                                   apply_on="instantiate")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
+        parser.add_argument("--print_schedule", action="store_true",
+                            help="fit: print the ProgressiveUnfreezing phases as a table and YAML, then exit")
         if self.subclass_mode_data:  # `--data` picks the data module; images when the recipe names none
             parser.set_defaults({"data": {"class_path": DATA_CLASSES["image"]}})
         if self.subclass_mode_model:
@@ -213,6 +215,14 @@ class TransferCLI(LightningCLI):
             config["ckpt_path"] = str(found)
 
     def before_fit(self) -> None:
+        if self.config_init[self.subcommand].get("print_schedule"):
+            unfreezing = [c for c in getattr(self.trainer, "callbacks", []) if isinstance(c, ProgressiveUnfreezing)]
+            if not unfreezing:
+                raise ValueError("--print_schedule: the recipe has no transfer_lit.ProgressiveUnfreezing callback")
+            for callback in unfreezing:
+                print(callback.plan(self.model) + "\n\n# give it back with --config (edit the blocks):\n"
+                      + callback.schedule_yaml())
+            sys.exit(0)
         self._resolve_last_checkpoint()
 
     def after_fit(self) -> None:

@@ -61,6 +61,10 @@ class Unfreezable(Protocol):
     def set_block_gates(self, gates: Mapping[str, float]) -> None:
         """The learning-rate gate in ``[0, 1]`` of thawed blocks (warm-up), written through ``FrozenBlocks``."""
 
+    @property
+    def freezing(self) -> FreezingStrategy:
+        """What freezing means under the run's strategy (whether the weights are in one piece, for restore_best)."""
+
 
 @runtime_checkable
 class Freezable(Protocol):

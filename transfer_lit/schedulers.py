@@ -22,6 +22,7 @@ literal step count that goes stale when the data or ``max_epochs`` change.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -146,3 +147,39 @@ class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
             cycle_momentum=cycle_momentum, base_momentum=base_momentum, max_momentum=max_momentum,
             div_factor=div_factor, final_div_factor=final_div_factor, three_phase=three_phase,
         )
+
+
+def check_restartable(scheduler: object) -> str | None:
+    """``None`` when :func:`restart` can start ``scheduler`` over, else why not."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return "ReduceLROnPlateau follows a metric, it has no schedule to restart"
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return "OneCycleLR has a fixed total_steps and fails past it; use transfer_lit.schedulers.WarmupDecay"
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return f"{type(scheduler).__name__} is not a torch LRScheduler"
+    return None
+
+
+def restart(scheduler: torch.optim.lr_scheduler.LRScheduler, steps_left: int) -> None:
+    """Start ``scheduler`` over from its first step, each group back at its base learning rate, as if built now; a
+    :class:`RunLengthAware` one is sized to the ``steps_left`` in the run."""
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base
+    if isinstance(scheduler, RunLengthAware):
+        scheduler.set_total_steps(max(1, steps_left))
+    scheduler.last_epoch = -1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": this is the constructor's own first step
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+def scale_lrs(optimizer: Optimizer, schedulers: list[object], factor: float) -> None:
+    """Every group's learning rate x ``factor``, in the optimizer and in the schedulers' base learning rates."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    for scheduler in schedulers:
+        if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # type: ignore[assignment]

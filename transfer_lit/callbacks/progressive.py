@@ -1,31 +1,39 @@
-"""ProgressiveUnfreezing: thaw backbone blocks at scheduled epochs, each with an optional LR warm-up.
+"""ProgressiveUnfreezing: thaw backbone blocks on a schedule of epochs or when a metric stops improving.
 
-The callback never touches the optimizer's parameter groups: every group exists from step 0 and a
-frozen block's groups are held still by a zero LR *gate* (:mod:`transfer_lit.freezing.gates`).
-Thawing is ``TransferModule.set_frozen_blocks`` (``requires_grad``, BatchNorm mode, gate 0 -> 1),
-and the warm-up only moves the gate. So any LR scheduler composes with the schedule, and the
-phase is a pure function of ``(schedule, epoch, global step)``: a resumed run replays it exactly.
+The callback never adds or removes optimizer parameter groups: every group exists from step 0 and a frozen
+block's groups are held still by a zero LR *gate* (:mod:`transfer_lit.freezing.gates`). Thawing is
+``TransferModule.set_frozen_blocks`` (``requires_grad``, BatchNorm mode, gate 0 -> 1), and the warm-up only moves
+the gate. So any LR scheduler composes with the schedule. Which phase runs is a function of the phase start
+epochs, which are saved in checkpoints with the metric's best value and patience counter: a resumed run replays
+the schedule exactly, in the middle of a metric-driven phase too.
 
-It relies only on the module protocol :class:`~transfer_lit.protocols.Unfreezable` (``TransferModule``
-follows it): ``set_frozen_blocks`` to thaw, ``set_block_gates`` for the warm-up.
+It relies only on the module protocol :class:`~transfer_lit.protocols.Unfreezable` (``TransferModule`` follows it).
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from transfer_lit.callbacks.phases import (
+    Phase,
+    Schedule,
+    apply_lr_options,
+    check_schedule,
+    every_n_phases,
+    phase_table,
+    resolve_phases,
+    schedule_yaml,
+)
+from transfer_lit.callbacks.transitions import MetricTransitions, Plateau
 from transfer_lit.freezing.blocks import batchnorms
 from transfer_lit.protocols import Unfreezable
-from transfer_lit.schedulers import LinearWarmup
-
-Schedule = dict[int, list[str] | str]
-Phase = tuple[int, list[str]]
+from transfer_lit.schedulers import LinearWarmup, check_restartable
 
 
 class ProgressiveUnfreezing(Callback):
@@ -37,24 +45,43 @@ class ProgressiveUnfreezing(Callback):
           callbacks:
             - class_path: transfer_lit.ProgressiveUnfreezing
               init_args:
-                schedule: {2: [layer4], 4: [layer3], 6: all}
+                schedule: {2: [layer4], 4: {blocks: [layer3], lr_scale: 0.5}, 6: all}
                 warmup_steps: 50
 
-    The schedule is checked against the backbone's blocks before training starts. Each phase prints
-    a line with the trainable / total parameter counts and logs ``unfreeze_phase`` and
-    ``trainable_params``. The phase and each block's thaw step are saved in checkpoints.
+    **Epoch-driven** (default): phase ``k`` starts at the epoch of its key. **Metric-driven** (``monitor`` given,
+    finetuning-scheduler's ``FTSEarlyStopping``): each phase, the head-only one included, ends when ``monitor``
+    has not improved for ``patience`` validation runs, or after its length in the schedule (the gap to the next
+    key; the first key for the head-only phase), whichever comes first; the next phase starts at the next epoch,
+    so later keys move earlier with it. After the last phase's rule (``patience``, or ``last_phase_epochs``)
+    training stops.
+
+    The schedule is checked against the backbone's blocks before training starts and printed as a table. Each
+    phase prints a line with the trainable / total parameter counts and logs ``unfreeze_phase`` and
+    ``trainable_params``. The phase state is saved in checkpoints.
 
     Args:
-        schedule: ``{epoch: blocks}``: at the start of ``epoch`` (0-based) thaw ``blocks``: a list of
-            backbone block names, one name, or ``"all"`` (every block still frozen). Epochs must be
-            strictly increasing, and each block is thawed once.
-        every_n_epochs: instead of ``schedule``: thaw one more block every ``every_n_epochs`` epochs,
-            starting from the head side (the output-side block first).
+        schedule: ``{epoch: blocks}``: at the start of ``epoch`` (0-based) thaw ``blocks``: a list of backbone block
+            names, one name, ``"all"`` (every block still frozen), or ``{blocks: ..., lr_scale: x,
+            restart_schedule: true}``: from this phase on every group's learning rate is x times the configured one
+            (fastai's ``fine_tune`` halves it), and the LR scheduler starts over from its first step (its warm-up
+            included; ``WarmupDecay`` sized to the steps left). Without it one schedule spans the run, so a
+            late-thawed block starts on an already decayed learning rate. Epochs strictly increase; each block
+            thaws once.
+        every_n_epochs: instead of ``schedule``: thaw one more block every ``every_n_epochs`` epochs, starting from
+            the head side (the output-side block first).
         start_epoch: with ``every_n_epochs``: epoch of the first thaw (default: ``every_n_epochs``).
-        num_blocks: with ``every_n_epochs``: how many blocks to thaw in all (default: every block).
-        warmup_steps: the learning rate of a newly thawed block ramps up linearly over this many
-            optimizer steps (gate ``(k + 1) / warmup_steps`` on the k-th step after its thaw);
-            0 = full learning rate at once.
+        num_blocks: depth cap: only this many blocks from the output side ever thaw (``all`` means those).
+        warmup_steps: the learning rate of a newly thawed block ramps up linearly over this many optimizer steps
+            (gate ``(k + 1) / warmup_steps`` on the k-th step after its thaw); 0 = full learning rate at once.
+        monitor: a validation metric (``val_loss``, ``val_f1``, ...): phases end when it stops improving.
+        monitor_mode: ``min`` (lower is better) or ``max``.
+        patience: validation runs without improvement that end a phase.
+        min_delta: smaller improvements do not count.
+        last_phase_epochs: with ``monitor``: the longest the last phase runs (default: until ``patience`` or
+            ``trainer.max_epochs``).
+        restore_best: with ``monitor``: when a phase ends, reload its best weights (and BatchNorm statistics; the
+            optimizer state stays) before the next blocks thaw (finetuning-scheduler's ``restore_best``). The best
+            weights are kept in memory and in checkpoints (they double its size); not under FSDP / DeepSpeed.
     """
 
     def __init__(
@@ -64,30 +91,37 @@ class ProgressiveUnfreezing(Callback):
         start_epoch: int | None = None,
         num_blocks: int | None = None,
         warmup_steps: int = 0,
+        monitor: str | None = None,
+        monitor_mode: Literal["min", "max"] = "min",
+        patience: int = 1,
+        min_delta: float = 0.0,
+        last_phase_epochs: int | None = None,
+        restore_best: bool = False,
     ) -> None:
         if (schedule is None) == (every_n_epochs is None):
             raise ValueError(
                 "ProgressiveUnfreezing: give exactly one of `schedule` ({epoch: blocks}) or `every_n_epochs`, "
                 f"got schedule={schedule!r} and every_n_epochs={every_n_epochs!r}"
             )
-        if schedule is not None and (start_epoch is not None or num_blocks is not None):
-            raise ValueError("ProgressiveUnfreezing: `start_epoch` and `num_blocks` go with `every_n_epochs`, "
-                             "not with `schedule`")
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"ProgressiveUnfreezing.every_n_epochs must be >= 1, got {every_n_epochs}")
-        if start_epoch is not None and start_epoch < 0:
-            raise ValueError(f"ProgressiveUnfreezing.start_epoch must be >= 0, got {start_epoch}")
-        if num_blocks is not None and num_blocks < 1:
-            raise ValueError(f"ProgressiveUnfreezing.num_blocks must be >= 1, got {num_blocks}")
-        if warmup_steps < 0:
-            raise ValueError(f"ProgressiveUnfreezing.warmup_steps must be >= 0, got {warmup_steps}")
-        self.schedule = _check_epochs(schedule) if schedule is not None else None
-        self.every_n_epochs = every_n_epochs
-        self.start_epoch = start_epoch
-        self.num_blocks = num_blocks
+        if schedule is not None and start_epoch is not None:
+            raise ValueError("ProgressiveUnfreezing: `start_epoch` goes with `every_n_epochs`, not with `schedule`")
+        for key, value, least in (("every_n_epochs", every_n_epochs, 1), ("start_epoch", start_epoch, 0),
+                                  ("num_blocks", num_blocks, 1), ("warmup_steps", warmup_steps, 0),
+                                  ("last_phase_epochs", last_phase_epochs, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"ProgressiveUnfreezing.{key} must be >= {least}, got {value}")
+        if monitor is None and (restore_best or last_phase_epochs is not None):
+            raise ValueError("ProgressiveUnfreezing: `restore_best` and `last_phase_epochs` go with a metric-driven "
+                             "schedule; set `monitor` (e.g. val_loss)")
+        self.schedule = check_schedule(schedule) if schedule is not None else None
+        self.every_n_epochs, self.start_epoch, self.num_blocks = every_n_epochs, start_epoch, num_blocks
         self.warmup_steps = warmup_steps
+        self.monitor, self.last_phase_epochs, self.restore_best = monitor, last_phase_epochs, restore_best
+        self.transitions = None if monitor is None else MetricTransitions(
+            Plateau(monitor, monitor_mode, patience, min_delta), last_phase_epochs, restore_best)
         self._warmup = LinearWarmup(warmup_steps)
         self.phases: list[Phase] = []
+        self.starts: list[int] = []  # the epoch each phase after the head-only one started (or starts) at
         self.thaw_steps: dict[str, int] = {}  # block -> global step at which it was thawed
         self.phase = 0
         self._blocks: list[str] = []
@@ -98,54 +132,32 @@ class ProgressiveUnfreezing(Callback):
     # ------------------------------------------------------------------ the schedule
 
     def resolve_phases(self, blocks: list[str]) -> list[Phase]:
-        """The schedule as ``[(epoch, [block, ...]), ...]`` for a backbone with ``blocks`` (input -> output).
+        """The schedule as :class:`Phase` s for a backbone with ``blocks`` (input -> output).
 
         Raises:
-            ValueError: naming the key, the value and the valid block names, for an unknown block, a
-                block thawed twice, an empty phase, a phase with nothing left to thaw, or more blocks
-                than the backbone has.
+            ValueError: naming the key, the value and the valid block names (:func:`resolve_phases`).
         """
-        valid = f"valid blocks (input -> output) are {blocks} or 'all'"
         if self.schedule is None:
             assert self.every_n_epochs is not None
-            count = len(blocks) if self.num_blocks is None else self.num_blocks
-            if count > len(blocks):
-                raise ValueError(f"ProgressiveUnfreezing.num_blocks={count} but the backbone has only "
-                                 f"{len(blocks)} blocks: {blocks}")
-            order = blocks[::-1][:count]
-            start = self.every_n_epochs if self.start_epoch is None else self.start_epoch
-            return [(start + i * self.every_n_epochs, [block]) for i, block in enumerate(order)]
-        phases: list[Phase] = []
-        thawed_at: dict[str, int] = {}
-        for epoch, value in self.schedule.items():
-            key = f"ProgressiveUnfreezing.schedule[{epoch}]"
-            names = [value] if isinstance(value, str) else list(value)
-            if not names:
-                raise ValueError(f"{key} is empty; {valid}")
-            if "all" in names:
-                if names != ["all"]:
-                    raise ValueError(f"{key}={value!r}: 'all' cannot be combined with block names; {valid}")
-                names = [b for b in blocks if b not in thawed_at]
-                if not names:
-                    raise ValueError(f"{key}='all' thaws nothing: every block of {blocks} is already thawed by then "
-                                     f"(the schedule goes past the last block)")
-            for name in names:
-                if name not in blocks:
-                    raise ValueError(f"{key}: unknown block {name!r}; {valid}")
-                if name in thawed_at:
-                    raise ValueError(f"{key}: block {name!r} is thawed twice (already at epoch {thawed_at[name]}); "
-                                     f"each of {blocks} can be thawed once")
-                thawed_at[name] = epoch
-            phases.append((epoch, sorted(set(names), key=blocks.index)))
-        return phases
+            return every_n_phases(blocks, self.every_n_epochs, self.start_epoch, self.num_blocks)
+        return resolve_phases(self.schedule, blocks, self.num_blocks)
 
     def phase_at(self, epoch: int) -> int:
         """Number of phases started by ``epoch`` (0 = only the head trains)."""
-        return sum(1 for start, _ in self.phases if start <= epoch)
+        return sum(1 for start in self.starts if start <= epoch)
 
     def warmup_gate(self, steps_since_thaw: int) -> float:
         """LR gate of a block ``steps_since_thaw`` optimizer steps after its thaw."""
         return self._warmup(steps_since_thaw)
+
+    def schedule_yaml(self) -> str:
+        """This callback with its resolved phases spelled out, as YAML that ``fit --config`` accepts (after setup)."""
+        plateau = self.transitions.plateau if self.transitions else None
+        options = {"warmup_steps": self.warmup_steps or None, "monitor": self.monitor,
+                   "monitor_mode": plateau.mode if plateau else None, "patience": plateau.patience if plateau else None,
+                   "min_delta": plateau.min_delta if plateau and plateau.min_delta else None,
+                   "last_phase_epochs": self.last_phase_epochs, "restore_best": self.restore_best or None}
+        return schedule_yaml(self.phases, options)
 
     # ------------------------------------------------------------------ hooks
 
@@ -156,33 +168,72 @@ class ProgressiveUnfreezing(Callback):
         if not isinstance(pl_module, Unfreezable):
             raise TypeError(f"ProgressiveUnfreezing needs a transfer_lit.TransferModule (the Unfreezable protocol), "
                             f"got {type(pl_module).__name__}")
-        mode = pl_module.mode
-        if mode != "progressive":
+        if pl_module.mode != "progressive":
             raise ValueError(
-                f"ProgressiveUnfreezing needs model.mode='progressive', got model.mode={mode!r} ('finetune' trains "
-                "every block from the start; 'linear_probe' runs the backbone without gradients)"
+                f"ProgressiveUnfreezing needs model.mode='progressive', got model.mode={pl_module.mode!r} "
+                "('finetune' trains every block from the start; 'linear_probe' runs the backbone without gradients)"
             )
-        backbone = pl_module.backbone
         # A new run (a reused callback too) starts at phase 0; a resumed one then loads its state over this.
         self.thaw_steps, self.phase, self._announced = {}, 0, None
+        if self.transitions is not None:
+            self.transitions.reset()
+        table = self.plan(pl_module)
+        self.starts = [] if self.monitor else [p.epoch for p in self.phases]
+        late = [p.epoch for p in self.phases if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= p.epoch]
+        if late and not self.monitor:
+            rank_zero_warn(f"ProgressiveUnfreezing: phase(s) at epoch(s) {late} never start with "
+                           f"trainer.max_epochs={trainer.max_epochs}")
+        rank_zero_info(table)
+
+    def plan(self, module: Unfreezable) -> str:
+        """Resolve the schedule against ``module``'s backbone (raising on a bad one) and return it as a table.
+
+        Parameters are counted here, before the strategy wraps (and maybe shards) them.
+        """
+        backbone = module.backbone
         self._blocks = backbone.block_names()
         self.phases = self.resolve_phases(self._blocks)
-        max_epochs = trainer.max_epochs
-        late = [epoch for epoch, _ in self.phases if max_epochs is not None and 0 <= max_epochs <= epoch]
-        if late:
-            rank_zero_warn(f"ProgressiveUnfreezing: phase(s) at epoch(s) {late} never start with "
-                           f"trainer.max_epochs={max_epochs}")
-        # Counted before the strategy wraps (and maybe shards) the parameters.
         for block, params in backbone.block_params().items():
             bn = sum(p.numel() for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False))
             self._sizes[block] = (sum(p.numel() for _, p in params), bn)
-        self._total = sum(p.numel() for p in pl_module.parameters())
+        self._total = sum(p.numel() for p in cast(torch.nn.Module, module).parameters())
+        frozen = set(self._blocks)
+        counts = [self.trainable_params(frozen, module.bn_policy)]
+        for phase in self.phases:
+            frozen -= set(phase.blocks)
+            counts.append(self.trainable_params(frozen, module.bn_policy))
+        rule = (f"metric-driven: a phase ends when {self.monitor} stops improving for "
+                f"{self.transitions.plateau.patience} validation run(s)" if self.transitions else "epoch-driven")
+        return (f"ProgressiveUnfreezing: {len(self.phases)} phases, {rule}\n"
+                + phase_table(self.phases, counts, self._total, self.monitor))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refusal = cast(Unfreezable, pl_module).freezing.unwrapped_refusal()
+        if self.restore_best and refusal is not None:
+            raise ValueError(f"ProgressiveUnfreezing.restore_best needs the model's weights in one piece: {refusal}")
+        restarts = [p.epoch for p in self.phases if p.restart_schedule]
+        if restarts and not trainer.lr_scheduler_configs:
+            raise ValueError(f"ProgressiveUnfreezing.schedule[{restarts[0]}].restart_schedule needs a learning-rate "
+                             f"schedule to restart; set model.lr_scheduler (e.g. transfer_lit.schedulers.WarmupDecay)")
+        for config in trainer.lr_scheduler_configs if restarts else []:
+            if (why := check_restartable(config.scheduler)) is not None:
+                raise ValueError(f"ProgressiveUnfreezing.schedule[{restarts[0]}].restart_schedule: {why}")
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module = cast(Unfreezable, pl_module)
-        self.phase = self.phase_at(trainer.current_epoch)
-        thawed = {block for _, blocks in self.phases[: self.phase] for block in blocks}
+        epoch = trainer.current_epoch
+        if self.transitions is not None:
+            self.transitions.end_capped(self.phases, self.starts, epoch)
+        phase = self.phase_at(epoch)
+        if phase > self.phase:  # a transition in this run (a resumed run loads the phase it was in)
+            if self.transitions is not None:
+                self.transitions.restore(pl_module, self.phase)
+            for k in range(self.phase + 1, phase + 1):
+                apply_lr_options(self.phases, k, trainer)
+        self.phase = phase
+        thawed = {block for p in self.phases[: self.phase] for block in p.blocks}
         was_frozen = set(module.frozen_blocks)
         for block in sorted(thawed, key=self._blocks.index):
             if block not in self.thaw_steps:
@@ -195,9 +246,9 @@ class ProgressiveUnfreezing(Callback):
         trainable = self.trainable_params(frozen, module.bn_policy)
         if self._announced != self.phase:
             self._announced = self.phase
-            new = self.phases[self.phase - 1][1] if self.phase else []
+            new = self.phases[self.phase - 1].blocks if self.phase else []
             rank_zero_info(
-                f"ProgressiveUnfreezing: epoch {trainer.current_epoch}, phase {self.phase}/{len(self.phases)}: "
+                f"ProgressiveUnfreezing: epoch {epoch}, phase {self.phase}/{len(self.phases)}: "
                 f"thawed {new or 'nothing (head only)'}; frozen {sorted(frozen, key=self._blocks.index)}; "
                 f"trainable parameters {trainable:,} / {self._total:,} ({100 * trainable / max(1, self._total):.1f}%)"
             )
@@ -213,6 +264,12 @@ class ProgressiveUnfreezing(Callback):
         module.set_block_gates({block: self.warmup_gate(trainer.global_step - step)
                                 for block, step in self.thaw_steps.items() if block not in module.frozen_blocks})
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before ModelCheckpoint saves (Lightning runs checkpoint callbacks last): the decision is in the checkpoint.
+        if self.transitions is not None and not trainer.sanity_checking:
+            self.transitions.check(trainer, pl_module, self.phase, self.phases, self.starts)
+
     def trainable_params(self, frozen: set[str], bn_policy: str) -> int:
         """Parameters the optimizer updates when ``frozen`` blocks are frozen (BatchNorm ones stay frozen under
         ``bn_policy='frozen'`` and train in frozen blocks under ``train_bn``)."""
@@ -226,34 +283,18 @@ class ProgressiveUnfreezing(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "thaw_steps": dict(self.thaw_steps), "phases": [list(p) for p in self.phases]}
+        state = {"phase": self.phase, "thaw_steps": dict(self.thaw_steps), "starts": list(self.starts),
+                 "phases": [[p.epoch, p.blocks] for p in self.phases]}
+        return state | (self.transitions.state_dict() if self.transitions else {})
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.phase = int(state_dict["phase"])
         self.thaw_steps = {str(k): int(v) for k, v in state_dict["thaw_steps"].items()}
+        if self.transitions is not None:
+            self.starts = [int(s) for s in state_dict.get("starts", [])]
+            self.transitions.load_state_dict(state_dict)
         saved = [(int(e), list(b)) for e, b in state_dict.get("phases", [])]
-        if self.phases and saved and saved != self.phases:
+        if self.phases and saved and saved != [(p.epoch, p.blocks) for p in self.phases]:
             rank_zero_warn(f"ProgressiveUnfreezing: the checkpoint was trained with phases {saved}; "
-                           f"continuing with {self.phases}")
-
-
-def _check_epochs(schedule: Schedule) -> Schedule:
-    """Epoch keys as integers >= 0, strictly increasing in the order given."""
-    if not isinstance(schedule, dict) or not schedule:
-        raise ValueError(f"ProgressiveUnfreezing.schedule must be a non-empty {{epoch: blocks}} mapping, "
-                         f"got {schedule!r}")
-    checked: Schedule = {}
-    for key, value in schedule.items():
-        epoch = int(key) if isinstance(key, str) and key.strip().isdigit() else key
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"ProgressiveUnfreezing.schedule: epoch keys must be integers >= 0, got {key!r}")
-        if not isinstance(value, str | list | tuple):
-            raise ValueError(f"ProgressiveUnfreezing.schedule[{epoch}] must be a block name, a list of block names "
-                             f"or 'all', got {value!r}")
-        checked[epoch] = value if isinstance(value, str) else list(value)
-    epochs = list(checked)
-    if any(b <= a for a, b in itertools.pairwise(epochs)):
-        raise ValueError(f"ProgressiveUnfreezing.schedule: epochs must be strictly increasing in the order given, "
-                         f"got {epochs}")
-    return checked
+                           f"continuing with {[(p.epoch, p.blocks) for p in self.phases]}")
