@@ -151,10 +151,10 @@ def test_invalid_schedules_fail_before_training_naming_key_value_and_valid_block
     ("kwargs", "expected"),
     [
         ({"schedule": {3: "block2", 1: "block1"}}, "strictly increasing in the order given, got [3, 1]"),
-        ({"schedule": {-1: "block2"}}, "integers >= 0, got -1"),
+        ({"schedule": {-1: "block2"}}, "numbers >= 0 (1.5 = halfway through epoch 1), got -1"),
         ({"schedule": {1: "block2"}, "every_n_epochs": 1}, "exactly one of"),
         ({}, "exactly one of"),
-        ({"every_n_epochs": 0}, "every_n_epochs must be >= 1, got 0"),
+        ({"every_n_epochs": 0}, "every_n_epochs must be > 0 (0.5 = every half epoch), got 0"),
         ({"every_n_epochs": 1, "warmup_steps": -2}, "warmup_steps must be >= 0, got -2"),
         ({"schedule": {1: 5}}, "schedule[1] must be a block name"),
     ],

@@ -244,3 +244,52 @@ def test_the_schedule_yaml_feeds_back_into_the_same_phases() -> None:
     assert again.resolve_phases(BLOCKS) == callback.phases == [
         Phase(1, ["block2"]), Phase(3, ["stem", "block1"], 0.5, True)]
     assert spec["init_args"]["monitor"] == "score" and spec["init_args"]["restore_best"] is True
+
+
+# ---------------------------------------------------------------------------------------------- fine_tune
+
+
+def test_fine_tune_trains_the_head_then_everything_at_half_the_lr_on_a_restarted_schedule() -> None:
+    from transfer_lit import fine_tune
+
+    gates, timeline = GateRecorder(), Timeline()
+    model = Scripted(SCRIPT)
+    run = fine_tune(model, epochs=2, freeze_epochs=1, train_dataloaders=loader(), callbacks=[gates, timeline],
+                    accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert run.max_epochs == 3 and timeline.frozen == [set(BLOCKS), set(), set()]
+    head = lrs_of(gates, "head")  # 3 steps per epoch: 9 steps, then 6 after the thaw, each with 30% warm-up
+    first = WarmupDecay(torch.optim.SGD([torch.zeros(1)], lr=0.05), warmup=0.3, decay="cosine", total_steps=9)
+    again = WarmupDecay(torch.optim.SGD([torch.zeros(1)], lr=0.025), warmup=0.3, decay="cosine", total_steps=6)
+    assert head == [round(0.05 * first.factor(s), 8) for s in range(3)] + [
+        round(0.025 * again.factor(s), 8) for s in range(6)]
+    with pytest.raises(ValueError, match="fine_tune needs a TransferModule with mode='progressive'"):
+        fine_tune(Scripted(SCRIPT, mode="finetune"), epochs=1, train_dataloaders=loader())
+
+
+# ---------------------------------------------------------------------------------------------- inside an epoch
+
+
+def test_fractional_epochs_thaw_inside_an_epoch_and_resume_exactly(tmp_path: Path) -> None:
+    # 4 optimizer steps per epoch: 0.5 = step 2, 1.5 = step 6; ULMFiT's one block per epoch in a short budget.
+    def run(root: Path, ckpt: str | None = None) -> tuple[Trainer, GateRecorder]:
+        gates = GateRecorder()
+        callback = ProgressiveUnfreezing(schedule={0.5: "block2", 1.5: "block1"}, warmup_steps=2)
+        saver = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
+        run = Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, deterministic=True, callbacks=[callback, gates, saver])
+        run.fit(Scripted(SCRIPT), loader(n=32), ckpt_path=ckpt)
+        return run, gates
+
+    full, gates = run(tmp_path / "full")
+    assert [s["backbone.block2"][0] for s in gates.steps] == [0, 0, 0.5, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert [s["backbone.block1"][0] for s in gates.steps] == [0] * 6 + [0.5] + [1] * 5
+    resumed, again = run(tmp_path / "resumed", str(next((tmp_path / "full").glob("epoch=0-*.ckpt"))))
+    assert [s["backbone.block2"][0] for s in again.steps] == [1] * 8  # not frozen again at the epoch start
+    assert_equal_nested(full.lightning_module.state_dict(), resumed.lightning_module.state_dict(), "weights")
+
+
+def test_every_n_epochs_may_be_a_fraction_but_not_with_a_metric() -> None:
+    assert ProgressiveUnfreezing(every_n_epochs=0.5, start_epoch=1).resolve_phases(BLOCKS) == [
+        Phase(1, ["block2"]), Phase(1.5, ["block1"]), Phase(2, ["stem"])]
+    with pytest.raises(ValueError, match=r"fractional epochs \[0.5\] go with an epoch-driven schedule"):
+        fit(Scripted(SCRIPT), metric_callback(schedule={0.5: "block2"}), 1)

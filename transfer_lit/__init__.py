@@ -28,6 +28,7 @@ from transfer_lit.preprocessing import (
     resolve_preprocessing,
 )
 from transfer_lit.protocols import CachedFeatures
+from transfer_lit.recipes import fine_tune
 
 
 def __getattr__(name: str) -> object:
@@ -66,6 +67,7 @@ __all__ = [
     "WeightsNotAvailableError",
     "build_eval_transform",
     "build_train_transform",
+    "fine_tune",
     "load_image",
     "normalize_images",
     "resolve_preprocessing",

@@ -20,24 +20,47 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import yaml
 
+from transfer_lit.freezing.blocks import batchnorms
 from transfer_lit.schedulers import restart, scale_lrs
 
 ScheduleValue = str | list[str] | dict[str, Any]
-Schedule = dict[int, ScheduleValue]
+Schedule = dict[float, ScheduleValue]
 _OPTIONS = ("blocks", "lr_scale", "restart_schedule")
 
 
 class Phase(NamedTuple):
-    """One phase: from ``epoch`` (with ``monitor``: at the latest), ``blocks`` thaw.
+    """One phase: from ``epoch`` (with ``monitor``: at the latest; 1.5 = halfway through epoch 1), ``blocks`` thaw.
 
     ``lr_scale``: every group's learning rate x this from the phase on (``None``: as the previous phase);
     ``restart_schedule``: the LR scheduler starts again from its first step when the phase begins.
     """
 
-    epoch: int
+    epoch: int | float
     blocks: list[str]
     lr_scale: float | None = None
     restart_schedule: bool = False
+
+
+def check_options(schedule: Any, every_n_epochs: float | None, start_epoch: float | None, num_blocks: int | None,
+                  warmup_steps: int, monitor: str | None, last_phase_epochs: int | None, restore_best: bool) -> None:
+    """The callback's options, each against the others (the schedule itself: :func:`check_schedule`)."""
+    if (schedule is None) == (every_n_epochs is None):
+        raise ValueError(
+            "ProgressiveUnfreezing: give exactly one of `schedule` ({epoch: blocks}) or `every_n_epochs`, "
+            f"got schedule={schedule!r} and every_n_epochs={every_n_epochs!r}"
+        )
+    if schedule is not None and start_epoch is not None:
+        raise ValueError("ProgressiveUnfreezing: `start_epoch` goes with `every_n_epochs`, not with `schedule`")
+    if every_n_epochs is not None and not every_n_epochs > 0:
+        raise ValueError(f"ProgressiveUnfreezing.every_n_epochs must be > 0 (0.5 = every half epoch), got "
+                         f"{every_n_epochs}")
+    for key, value, least in (("start_epoch", start_epoch, 0), ("num_blocks", num_blocks, 1),
+                              ("warmup_steps", warmup_steps, 0), ("last_phase_epochs", last_phase_epochs, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"ProgressiveUnfreezing.{key} must be >= {least}, got {value}")
+    if monitor is None and (restore_best or last_phase_epochs is not None):
+        raise ValueError("ProgressiveUnfreezing: `restore_best` and `last_phase_epochs` go with a metric-driven "
+                         "schedule; set `monitor` (e.g. val_loss)")
 
 
 def check_schedule(schedule: Mapping[Any, Any]) -> Schedule:
@@ -45,11 +68,12 @@ def check_schedule(schedule: Mapping[Any, Any]) -> Schedule:
     if not isinstance(schedule, Mapping) or not schedule:
         raise ValueError(f"ProgressiveUnfreezing.schedule must be a non-empty {{epoch: blocks}} mapping, "
                          f"got {schedule!r}")
-    checked: Schedule = {}
+    checked: dict[Any, ScheduleValue] = {}
     for key, value in schedule.items():
-        epoch = int(key) if isinstance(key, str) and key.strip().isdigit() else key
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"ProgressiveUnfreezing.schedule: epoch keys must be integers >= 0, got {key!r}")
+        epoch = _as_epoch(key)
+        if epoch is None:
+            raise ValueError(f"ProgressiveUnfreezing.schedule: epoch keys must be numbers >= 0 (1.5 = halfway through "
+                             f"epoch 1), got {key!r}")
         where = f"ProgressiveUnfreezing.schedule[{epoch}]"
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(_OPTIONS))
@@ -74,6 +98,18 @@ def check_schedule(schedule: Mapping[Any, Any]) -> Schedule:
     return checked
 
 
+def _as_epoch(key: Any) -> int | float | None:
+    """A schedule key as an epoch: an integer, or a float for a point inside an epoch; ``None`` if invalid."""
+    if isinstance(key, str):
+        try:
+            key = float(key)
+        except ValueError:
+            return None
+    if isinstance(key, bool) or not isinstance(key, int | float) or not key >= 0 or key == float("inf"):
+        return None
+    return int(key) if key == int(key) else float(key)
+
+
 def resolve_phases(schedule: Schedule, blocks: list[str], num_blocks: int | None = None) -> list[Phase]:
     """``schedule`` as phases for a backbone with ``blocks`` (input -> output); ``num_blocks`` caps the depth: only
     that many blocks from the output side may thaw, and ``all`` means all of those.
@@ -85,7 +121,7 @@ def resolve_phases(schedule: Schedule, blocks: list[str], num_blocks: int | None
     thawable = _thawable(blocks, num_blocks)
     valid = f"valid blocks (input -> output) are {blocks} or 'all'"
     phases: list[Phase] = []
-    thawed_at: dict[str, int] = {}
+    thawed_at: dict[str, float] = {}
     for epoch, value in schedule.items():
         key = f"ProgressiveUnfreezing.schedule[{epoch}]"
         options: dict[str, Any] = value if isinstance(value, dict) else {"blocks": value}
@@ -115,12 +151,13 @@ def resolve_phases(schedule: Schedule, blocks: list[str], num_blocks: int | None
     return phases
 
 
-def every_n_phases(blocks: list[str], every_n_epochs: int, start_epoch: int | None,
+def every_n_phases(blocks: list[str], every_n_epochs: float, start_epoch: float | None,
                    num_blocks: int | None) -> list[Phase]:
-    """One more block every ``every_n_epochs`` epochs from ``start_epoch``, the output-side block first."""
+    """One more block every ``every_n_epochs`` epochs (may be a fraction) from ``start_epoch``, the output-side block
+    first."""
     order = _thawable(blocks, num_blocks)[::-1]
     start = every_n_epochs if start_epoch is None else start_epoch
-    return [Phase(start + i * every_n_epochs, [block]) for i, block in enumerate(order)]
+    return [Phase(_as_epoch(round(start + i * every_n_epochs, 9)) or 0, [block]) for i, block in enumerate(order)]
 
 
 def _thawable(blocks: list[str], num_blocks: int | None) -> list[str]:
@@ -157,7 +194,7 @@ def _shorten(text: str, width: int = 60) -> str:
 def schedule_yaml(phases: Sequence[Phase], options: Mapping[str, Any]) -> str:
     """The callback as YAML with every phase spelled out in block names: edit it and give it back to ``fit``
     (as a ``--config``) to train exactly this schedule."""
-    schedule: dict[int, Any] = {}
+    schedule: dict[float, Any] = {}
     for phase in phases:
         extra = {k: v for k, v in (("lr_scale", phase.lr_scale), ("restart_schedule", phase.restart_schedule)) if v}
         schedule[phase.epoch] = {"blocks": phase.blocks, **extra} if extra else phase.blocks
@@ -178,3 +215,24 @@ def apply_lr_options(phases: Sequence[Phase], k: int, trainer: pl.Trainer) -> No
     if phase.lr_scale is not None and trainer.optimizers:
         before = next((p.lr_scale for p in phases[: k - 1][::-1] if p.lr_scale is not None), 1.0)
         scale_lrs(trainer.optimizers[0], [c.scheduler for c in configs], phase.lr_scale / before)
+
+
+class ParameterCounts:
+    """Parameters of each backbone block (and of its BatchNorm layers), counted before a strategy wraps or shards
+    them: how many train when some blocks are frozen."""
+
+    def __init__(self, backbone: Any, total: int) -> None:
+        self.total = total
+        self.sizes: dict[str, tuple[int, int]] = {}
+        for block, params in backbone.block_params().items():
+            bn = sum(p.numel() for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False))
+            self.sizes[block] = (sum(p.numel() for _, p in params), bn)
+
+    def trainable(self, frozen: set[str], bn_policy: str) -> int:
+        """Parameters the optimizer updates when ``frozen`` blocks are frozen (BatchNorm ones stay frozen under
+        ``bn_policy='frozen'`` and train in frozen blocks under ``train_bn``)."""
+        def held(block: str, size: int, bn: int) -> int:
+            if block in frozen:
+                return size - bn if bn_policy == "train_bn" else size
+            return bn if bn_policy == "frozen" else 0
+        return self.total - sum(held(b, size, bn) for b, (size, bn) in self.sizes.items())

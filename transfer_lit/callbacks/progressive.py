@@ -12,18 +12,20 @@ It relies only on the module protocol :class:`~transfer_lit.protocols.Unfreezabl
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from transfer_lit.callbacks.phases import (
+    ParameterCounts,
     Phase,
     Schedule,
     apply_lr_options,
+    check_options,
     check_schedule,
     every_n_phases,
     phase_table,
@@ -31,7 +33,6 @@ from transfer_lit.callbacks.phases import (
     schedule_yaml,
 )
 from transfer_lit.callbacks.transitions import MetricTransitions, Plateau
-from transfer_lit.freezing.blocks import batchnorms
 from transfer_lit.protocols import Unfreezable
 from transfer_lit.schedulers import LinearWarmup, check_restartable
 
@@ -87,8 +88,8 @@ class ProgressiveUnfreezing(Callback):
     def __init__(
         self,
         schedule: Schedule | None = None,
-        every_n_epochs: int | None = None,
-        start_epoch: int | None = None,
+        every_n_epochs: float | None = None,
+        start_epoch: float | None = None,
         num_blocks: int | None = None,
         warmup_steps: int = 0,
         monitor: str | None = None,
@@ -98,21 +99,8 @@ class ProgressiveUnfreezing(Callback):
         last_phase_epochs: int | None = None,
         restore_best: bool = False,
     ) -> None:
-        if (schedule is None) == (every_n_epochs is None):
-            raise ValueError(
-                "ProgressiveUnfreezing: give exactly one of `schedule` ({epoch: blocks}) or `every_n_epochs`, "
-                f"got schedule={schedule!r} and every_n_epochs={every_n_epochs!r}"
-            )
-        if schedule is not None and start_epoch is not None:
-            raise ValueError("ProgressiveUnfreezing: `start_epoch` goes with `every_n_epochs`, not with `schedule`")
-        for key, value, least in (("every_n_epochs", every_n_epochs, 1), ("start_epoch", start_epoch, 0),
-                                  ("num_blocks", num_blocks, 1), ("warmup_steps", warmup_steps, 0),
-                                  ("last_phase_epochs", last_phase_epochs, 1)):
-            if value is not None and value < least:
-                raise ValueError(f"ProgressiveUnfreezing.{key} must be >= {least}, got {value}")
-        if monitor is None and (restore_best or last_phase_epochs is not None):
-            raise ValueError("ProgressiveUnfreezing: `restore_best` and `last_phase_epochs` go with a metric-driven "
-                             "schedule; set `monitor` (e.g. val_loss)")
+        check_options(schedule, every_n_epochs, start_epoch, num_blocks, warmup_steps, monitor, last_phase_epochs,
+                      restore_best)
         self.schedule = check_schedule(schedule) if schedule is not None else None
         self.every_n_epochs, self.start_epoch, self.num_blocks = every_n_epochs, start_epoch, num_blocks
         self.warmup_steps = warmup_steps
@@ -121,12 +109,12 @@ class ProgressiveUnfreezing(Callback):
             Plateau(monitor, monitor_mode, patience, min_delta), last_phase_epochs, restore_best)
         self._warmup = LinearWarmup(warmup_steps)
         self.phases: list[Phase] = []
-        self.starts: list[int] = []  # the epoch each phase after the head-only one started (or starts) at
+        self.starts: list[float] = []  # the epoch each phase after the head-only one started (or starts) at
+        self._step_starts: list[int] | None = None  # with fractional epochs: the global step each phase starts at
         self.thaw_steps: dict[str, int] = {}  # block -> global step at which it was thawed
         self.phase = 0
         self._blocks: list[str] = []
-        self._sizes: dict[str, tuple[int, int]] = {}  # block -> (parameters, of which BatchNorm)
-        self._total = 0
+        self._counts: ParameterCounts | None = None
         self._announced: int | None = None
 
     # ------------------------------------------------------------------ the schedule
@@ -186,17 +174,13 @@ class ProgressiveUnfreezing(Callback):
         rank_zero_info(table)
 
     def plan(self, module: Unfreezable) -> str:
-        """Resolve the schedule against ``module``'s backbone (raising on a bad one) and return it as a table.
-
-        Parameters are counted here, before the strategy wraps (and maybe shards) them.
-        """
-        backbone = module.backbone
-        self._blocks = backbone.block_names()
+        """Resolve the schedule against ``module``'s backbone (raising on a bad one) and return it as a table."""
+        self._blocks = module.backbone.block_names()
         self.phases = self.resolve_phases(self._blocks)
-        for block, params in backbone.block_params().items():
-            bn = sum(p.numel() for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False))
-            self._sizes[block] = (sum(p.numel() for _, p in params), bn)
-        self._total = sum(p.numel() for p in cast(torch.nn.Module, module).parameters())
+        if self.monitor and any(isinstance(p.epoch, float) for p in self.phases):
+            raise ValueError(f"ProgressiveUnfreezing: fractional epochs {[p.epoch for p in self.phases]} go with an "
+                             f"epoch-driven schedule; a metric-driven one ends phases after validation runs")
+        self._counts = ParameterCounts(module.backbone, sum(p.numel() for p in cast(Any, module).parameters()))
         frozen = set(self._blocks)
         counts = [self.trainable_params(frozen, module.bn_policy)]
         for phase in self.phases:
@@ -205,7 +189,7 @@ class ProgressiveUnfreezing(Callback):
         rule = (f"metric-driven: a phase ends when {self.monitor} stops improving for "
                 f"{self.transitions.plateau.patience} validation run(s)" if self.transitions else "epoch-driven")
         return (f"ProgressiveUnfreezing: {len(self.phases)} phases, {rule}\n"
-                + phase_table(self.phases, counts, self._total, self.monitor))
+                + phase_table(self.phases, counts, self._counts.total, self.monitor))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -221,12 +205,26 @@ class ProgressiveUnfreezing(Callback):
                 raise ValueError(f"ProgressiveUnfreezing.schedule[{restarts[0]}].restart_schedule: {why}")
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_starts = None
+        if any(isinstance(p.epoch, float) for p in self.phases):  # a phase starts inside an epoch: count in steps
+            per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+            self._step_starts = [round(p.epoch * per_epoch) for p in self.phases]
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module = cast(Unfreezable, pl_module)
-        epoch = trainer.current_epoch
         if self.transitions is not None:
-            self.transitions.end_capped(self.phases, self.starts, epoch)
-        phase = self.phase_at(epoch)
+            self.transitions.end_capped(self.phases, self.starts, trainer.current_epoch)
+        self._enter(trainer, cast(Unfreezable, pl_module), self._current_phase(trainer))
+
+    def _current_phase(self, trainer: pl.Trainer) -> int:
+        if self._step_starts is not None:
+            return sum(1 for step in self._step_starts if step <= trainer.global_step)
+        return self.phase_at(trainer.current_epoch)
+
+    def _enter(self, trainer: pl.Trainer, module: Unfreezable, phase: int) -> None:
+        """Make ``phase`` the running one: thaw its blocks (the first time: its LR options, restore-best), log it."""
+        pl_module = cast(pl.LightningModule, module)
         if phase > self.phase:  # a transition in this run (a resumed run loads the phase it was in)
             if self.transitions is not None:
                 self.transitions.restore(pl_module, self.phase)
@@ -247,10 +245,12 @@ class ProgressiveUnfreezing(Callback):
         if self._announced != self.phase:
             self._announced = self.phase
             new = self.phases[self.phase - 1].blocks if self.phase else []
+            total = self._counts.total if self._counts else 0
             rank_zero_info(
-                f"ProgressiveUnfreezing: epoch {epoch}, phase {self.phase}/{len(self.phases)}: "
-                f"thawed {new or 'nothing (head only)'}; frozen {sorted(frozen, key=self._blocks.index)}; "
-                f"trainable parameters {trainable:,} / {self._total:,} ({100 * trainable / max(1, self._total):.1f}%)"
+                f"ProgressiveUnfreezing: epoch {trainer.current_epoch} (step {trainer.global_step}), phase "
+                f"{self.phase}/{len(self.phases)}: thawed {new or 'nothing (head only)'}; frozen "
+                f"{sorted(frozen, key=self._blocks.index)}; trainable parameters {trainable:,} / {total:,} "
+                f"({100 * trainable / max(1, total):.1f}%)"
             )
         pl_module.log("unfreeze_phase", float(self.phase), on_step=False, on_epoch=True, sync_dist=True)
         pl_module.log("trainable_params", float(trainable), on_step=False, on_epoch=True, sync_dist=True)
@@ -258,11 +258,13 @@ class ProgressiveUnfreezing(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.warmup_steps == 0:
-            return
         module = cast(Unfreezable, pl_module)
-        module.set_block_gates({block: self.warmup_gate(trainer.global_step - step)
-                                for block, step in self.thaw_steps.items() if block not in module.frozen_blocks})
+        if self._step_starts is not None and batch_idx % trainer.accumulate_grad_batches == 0 \
+                and self._current_phase(trainer) > self.phase:
+            self._enter(trainer, module, self._current_phase(trainer))
+        if self.warmup_steps:
+            module.set_block_gates({block: self.warmup_gate(trainer.global_step - step)
+                                    for block, step in self.thaw_steps.items() if block not in module.frozen_blocks})
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -271,13 +273,9 @@ class ProgressiveUnfreezing(Callback):
             self.transitions.check(trainer, pl_module, self.phase, self.phases, self.starts)
 
     def trainable_params(self, frozen: set[str], bn_policy: str) -> int:
-        """Parameters the optimizer updates when ``frozen`` blocks are frozen (BatchNorm ones stay frozen under
-        ``bn_policy='frozen'`` and train in frozen blocks under ``train_bn``)."""
-        def held(block: str, size: int, bn: int) -> int:
-            if block in frozen:
-                return size - bn if bn_policy == "train_bn" else size
-            return bn if bn_policy == "frozen" else 0
-        return self._total - sum(held(b, size, bn) for b, (size, bn) in self._sizes.items())
+        """Parameters the optimizer updates when ``frozen`` blocks are frozen (after :meth:`plan`)."""
+        assert self._counts is not None, "plan() counts the parameters"
+        return self._counts.trainable(frozen, bn_policy)
 
     # ------------------------------------------------------------------ checkpoint
 

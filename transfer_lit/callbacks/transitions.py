@@ -80,7 +80,7 @@ class MetricTransitions:
         self.plateau.reset()
         self.best_weights = None
 
-    def end_capped(self, phases: Sequence[Phase], starts: list[int], epoch: int) -> None:
+    def end_capped(self, phases: Sequence[Phase], starts: list[float], epoch: int) -> None:
         """At the start of ``epoch``: a phase that has run its length in the schedule ends now."""
         while (k := sum(1 for s in starts if s <= epoch)) < len(phases):
             start = starts[k - 1] if k else 0
@@ -89,7 +89,7 @@ class MetricTransitions:
             starts.append(epoch)
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: int, phases: Sequence[Phase],
-              starts: list[int]) -> None:
+              starts: list[float]) -> None:
         """After a validation run of ``phase``: maybe the next phase starts at the next epoch, or training stops."""
         epoch, monitor = trainer.current_epoch, self.plateau.monitor
         if phase < len(phases) and starts and starts[-1] > epoch:
