@@ -293,3 +293,47 @@ def test_every_n_epochs_may_be_a_fraction_but_not_with_a_metric() -> None:
         Phase(1, ["block2"]), Phase(1.5, ["block1"]), Phase(2, ["stem"])]
     with pytest.raises(ValueError, match=r"fractional epochs \[0.5\] go with an epoch-driven schedule"):
         fit(Scripted(SCRIPT), metric_callback(schedule={0.5: "block2"}), 1)
+
+
+# ---------------------------------------------------------------------------------------------- parameter level
+
+
+BN2 = r"re:block2\.1\..*"  # block2's BatchNorm weight and bias
+
+
+def test_a_regex_entry_thaws_only_the_parameters_it_matches_at_its_blocks_rate(tmp_path: Path) -> None:
+    timeline, gates = Timeline(), GateRecorder()
+    callback = ProgressiveUnfreezing(schedule={1: BN2, 2: "block2"})
+    model = Scripted(SCRIPT)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    fit(model, callback, 3, timeline, gates, saver)
+    assert model.backbone.block_names() == ["stem", "block1", "block2", BN2]
+    assert callback.phases == [Phase(1, [BN2]), Phase(2, ["block2"])]
+    start = timeline.at_start
+
+    def moved(epoch: int, key: str) -> bool:
+        return not torch.equal(start[epoch][key], start[epoch + 1][key])
+
+    assert moved(1, "backbone.block2.1.weight") and not moved(1, "backbone.block2.0.weight")  # epoch 1: the BN only
+    head = next(k for k in start[0] if k.startswith("head.") and k.endswith("weight"))
+    assert moved(0, head) and not moved(0, "backbone.block2.1.weight")
+    assert timeline.frozen[1] == {"stem", "block1", "block2"} and timeline.frozen[2] == {"stem", "block1"}
+    step = gates.steps[-1]
+    assert step[f"backbone.{BN2}.no_decay"][1] == step["backbone.block2"][1] == pytest.approx(0.005)
+    # predict / test from the checkpoint, without the schedule: the carved block comes back by its name
+    fresh = Scripted(SCRIPT, mode="finetune")
+    fresh.on_load_checkpoint(torch.load(next(tmp_path.glob("epoch=1-*.ckpt")), weights_only=False))
+    assert fresh.frozen_blocks == {"stem", "block1", "block2"} and BN2 in fresh.backbone.block_names()
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    (r"re:block3\..*", r"schedule\[1\]: 're:block3\\\\..\*': regex 'block3\\\\..\*' matches no parameter of "
+                       r"TinyBackbone; parameter names look like \['stem.0.weight'"),
+    (r"re:block2\..*", r"take every parameter of block 'block2'; name the block instead"),
+    (r"re:block2\.(", r"schedule\[1\]: 're:block2\\\\.\(': missing \), unterminated subpattern"),
+])
+def test_a_bad_regex_entry_fails_before_training_naming_the_key(entry: str, expected: str) -> None:
+    model = Scripted(SCRIPT)
+    with pytest.raises(ValueError, match=expected):
+        fit(model, ProgressiveUnfreezing(schedule={1: entry}), 1)
+    assert model.backbone.block_names() == BLOCKS  # a failed carve leaves the backbone as it was

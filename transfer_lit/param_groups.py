@@ -85,7 +85,9 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
     while the block is frozen, so no gate holds them.
     """
     blocks = backbone.block_params()
-    lrs = policy.block_lrs(list(blocks))
+    carved = backbone.carved_blocks()  # a carved block learns at the rate of the block it came from
+    lrs = policy.block_lrs([b for b in blocks if b not in carved])
+    lrs.update({name: lrs[parent] for name, parent in carved.items()})
     groups: list[dict[str, Any]] = []
     declared = backbone.no_weight_decay_names()
     for block, named in blocks.items():

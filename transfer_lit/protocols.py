@@ -50,6 +50,7 @@ class Unfreezable(Protocol):
     mode: str
     bn_policy: str
     backbone: Backbone
+    frozen: FrozenBlocks
 
     @property
     def frozen_blocks(self) -> set[str]:
@@ -103,6 +104,7 @@ class CheckpointState(Protocol):
     """What :mod:`transfer_lit.checkpoints.state` saves and restores besides the weights."""
 
     preprocessing: Preprocessing
+    frozen: FrozenBlocks
     class_names: list[str]
     lr_scale: float
 

@@ -28,7 +28,9 @@ free (timm's ViT has a child called ``blocks``).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,6 +39,9 @@ from torch import nn
 from transfer_lit.preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 
 BlockSpec = tuple[str, tuple[str, ...]]
+
+#: A schedule entry ``re:<regex>`` names the block :meth:`Backbone.carve` makes of the parameters matching it.
+REGEX_PREFIX = "re:"
 """A block's name and the qualified-name prefixes (relative to the backbone) of what it holds."""
 
 
@@ -102,18 +107,92 @@ class Backbone(nn.Module):
         empty = [name for name, params in result.items() if not params]
         if empty:
             raise ValueError(f"{type(self).__name__}: blocks with no parameters: {empty}")
+        return self._carve_params(result) if getattr(self, "_carved", None) else result
+
+    def carve(self, patterns: Mapping[str, str]) -> None:
+        """Give the parameters whose names (relative to the backbone) fully match a regex a block of their own.
+
+        ``{name: regex}``; each carved block comes right after the (output-most) block its parameters came from and
+        trains at that block's learning rate. Carving the same patterns again changes nothing.
+
+        Raises:
+            ValueError: naming the regex, for one that matches no parameter, a parameter two regexes match, or a
+                regex that takes every parameter of a block (name the block instead).
+        """
+        carved = dict(getattr(self, "_carved", {}))
+        carved.update({name: re.compile(regex) for name, regex in patterns.items()})
+        self._carved: dict[str, re.Pattern[str]] = carved
+        self._carved_after: dict[str, str] = {}
+        try:
+            spec_blocks = [name for name, _ in self.block_specs()]
+            owners = {block: [n for n, _ in params] for block, params in self.block_params().items()}
+            for name, rx in carved.items():
+                if not owners[name]:
+                    names = [n for block in spec_blocks for n in owners[block]]
+                    examples = [*names[:2], "...", *names[-2:]]
+                    raise ValueError(f"regex {rx.pattern!r} matches no parameter of {type(self).__name__}; parameter "
+                                     f"names look like {examples}")
+            for block in spec_blocks:
+                if not owners[block]:
+                    raise ValueError(f"the regexes {sorted(carved)} take every parameter of block {block!r}; name the "
+                                     f"block instead")
+        except ValueError:
+            self._carved = {k: v for k, v in carved.items() if k not in patterns}
+            self._carved_after = {}
+            raise
+
+    def carved_blocks(self) -> dict[str, str]:
+        """Each carved block (:meth:`carve`) and the block its parameters came from (the output-most one)."""
+        if getattr(self, "_carved", None) and not self._carved_after:
+            self.block_params()
+        return dict(getattr(self, "_carved_after", {}))
+
+    def _carve_params(self, blocks: OrderedDict[str, list[tuple[str, nn.Parameter]]]
+                      ) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
+        carved: dict[str, re.Pattern[str]] = self._carved
+        taken: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in carved}
+        after: dict[str, str] = {}
+        kept: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict()
+        for block, named in blocks.items():
+            kept[block] = []
+            for pname, param in named:
+                matches = [name for name, rx in carved.items() if rx.fullmatch(pname)]
+                if len(matches) > 1:
+                    raise ValueError(f"parameter {pname!r} of {type(self).__name__} matches the regexes of blocks "
+                                     f"{matches}; it must be in one")
+                (taken[matches[0]] if matches else kept[block]).append((pname, param))
+                if matches:
+                    after[matches[0]] = block
+        self._carved_after = after
+        result: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict()
+        for block, named in kept.items():
+            result[block] = named
+            result.update((name, taken[name]) for name in carved if after.get(name) == block)
+        result.update((name, []) for name in carved if name not in after)  # matches nothing: carve() says so
         return result
 
     def block_names(self) -> list[str]:
         """Block names, input side first (the names schedules and parameter groups use)."""
+        if getattr(self, "_carved", None):
+            return list(self.block_params())
         return [name for name, _ in self.block_specs()]
 
     def block_modules(self, block: str) -> list[nn.Module]:
-        """Every submodule (recursively) that belongs to ``block``; used for BatchNorm policies."""
+        """Every submodule (recursively) that belongs to ``block``; used for BatchNorm policies. A module whose own
+        parameters a carved block took (:meth:`carve`) belongs to that block."""
         specs = dict(self.block_specs())
-        if block not in specs:
-            raise KeyError(f"unknown block {block!r}; valid blocks are {list(specs)}")
-        return [m for name, m in self.named_modules() if name and any(_matches(name, p) for p in specs[block])]
+        carved = getattr(self, "_carved", {})
+        if block not in specs and block not in carved:
+            raise KeyError(f"unknown block {block!r}; valid blocks are {self.block_names()}")
+
+        def owner(name: str, module: nn.Module) -> str | None:
+            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            hits = {c for c, rx in carved.items() for p in own if rx.fullmatch(p)}
+            if own and len(hits) == 1 and all(any(carved[c].fullmatch(p) for c in hits) for p in own):
+                return hits.pop()
+            return next((b for b, prefixes in specs.items() if any(_matches(name, p) for p in prefixes)), None)
+
+        return [m for name, m in self.named_modules() if name and owner(name, m) == block]
 
     def forward(self, x: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

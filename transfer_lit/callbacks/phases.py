@@ -14,12 +14,14 @@ the key, the value and the valid block names.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import yaml
 
+from transfer_lit.backbones.base import REGEX_PREFIX
 from transfer_lit.freezing.blocks import batchnorms
 from transfer_lit.schedulers import restart, scale_lrs
 
@@ -158,6 +160,33 @@ def every_n_phases(blocks: list[str], every_n_epochs: float, start_epoch: float 
     order = _thawable(blocks, num_blocks)[::-1]
     start = every_n_epochs if start_epoch is None else start_epoch
     return [Phase(_as_epoch(round(start + i * every_n_epochs, 9)) or 0, [block]) for i, block in enumerate(order)]
+
+
+def regex_entries(schedule: Schedule | None) -> dict[str, float]:
+    """The schedule's ``re:<regex>`` entries (parameter-level: the parameters whose names match) and their epochs."""
+    found: dict[str, float] = {}
+    for epoch, value in (schedule or {}).items():
+        entry = value["blocks"] if isinstance(value, dict) else value
+        for name in [entry] if isinstance(entry, str) else entry:
+            if name.startswith(REGEX_PREFIX):
+                found[name] = epoch
+    return found
+
+
+def carve_regex_entries(schedule: Schedule | None, module: Any) -> None:
+    """Give each ``re:<regex>`` entry of ``schedule`` a block of its own in ``module``'s backbone (frozen with the
+    block it comes from), validated like a block name."""
+    entries = regex_entries(schedule)
+    for name, epoch in entries.items():
+        if name in module.frozen.names:
+            continue
+        try:
+            re.compile(name[len(REGEX_PREFIX):])
+            module.frozen.carve({name: name[len(REGEX_PREFIX):]})
+        except (re.error, ValueError) as error:
+            raise ValueError(f"ProgressiveUnfreezing.schedule[{epoch}]: {name!r}: {error}") from None
+    if entries:
+        module.set_frozen_blocks(module.frozen_blocks)  # the carved blocks, frozen or not, as the strategy means it
 
 
 def _thawable(blocks: list[str], num_blocks: int | None) -> list[str]:

@@ -25,6 +25,7 @@ from transfer_lit.callbacks.phases import (
     Phase,
     Schedule,
     apply_lr_options,
+    carve_regex_entries,
     check_options,
     check_schedule,
     every_n_phases,
@@ -175,6 +176,7 @@ class ProgressiveUnfreezing(Callback):
 
     def plan(self, module: Unfreezable) -> str:
         """Resolve the schedule against ``module``'s backbone (raising on a bad one) and return it as a table."""
+        carve_regex_entries(self.schedule, module)
         self._blocks = module.backbone.block_names()
         self.phases = self.resolve_phases(self._blocks)
         if self.monitor and any(isinstance(p.epoch, float) for p in self.phases):

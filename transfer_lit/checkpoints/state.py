@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from transfer_lit.backbones.base import REGEX_PREFIX
 from transfer_lit.checkpoints.compat import check_checkpoint_fits
 from transfer_lit.preprocessing import Preprocessing
 from transfer_lit.protocols import CheckpointState
 
 
 def save_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) -> None:
-    """Add ``module``'s preprocessing, class names, frozen blocks and ``lr_scale`` to ``checkpoint``."""
+    """Add ``module``'s preprocessing, class names, frozen (and regex-carved) blocks and ``lr_scale`` to
+    ``checkpoint``."""
     checkpoint["transfer_lit"] = {
         "preprocessing": module.preprocessing.to_dict(),
         "class_names": list(module.class_names),
         "frozen_blocks": sorted(module.frozen_blocks),
+        "carved_blocks": sorted(module.frozen.backbone.carved_blocks()),
         "lr_scale": module.lr_scale,
     }
 
@@ -38,4 +41,8 @@ def restore_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) 
     module.preprocessing.check_checkpoint(trained_with)
     module.class_names = list(state["class_names"])
     module.lr_scale = float(state["lr_scale"])
+    carved = {b: b[len(REGEX_PREFIX):] for b in state.get("carved_blocks", [])
+              if b.startswith(REGEX_PREFIX) and b not in module.frozen.names}
+    if carved:  # blocks a schedule's regex entries carved: a command without the schedule (predict) carves them too
+        module.frozen.carve(carved)
     module.set_frozen_blocks(state["frozen_blocks"])

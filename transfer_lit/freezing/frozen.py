@@ -51,6 +51,13 @@ class FrozenBlocks:
             self.strategy.on_thaw(optimizer, [p for b in thawed_now for _, p in params[b]])
         self.write_gates(optimizer)
 
+    def carve(self, patterns: Mapping[str, str]) -> None:
+        """New blocks of the parameters matching each ``{name: regex}`` (:meth:`Backbone.carve`), frozen if the block
+        they came from is; call before the optimizer is built (``setup``) and re-apply with ``freeze_exactly``."""
+        self.backbone.carve(patterns)
+        self.names = self.backbone.block_names()
+        self.blocks |= {name for name, parent in self.backbone.carved_blocks().items() if parent in self.blocks}
+
     def set_gates(self, gates: Mapping[str, float], optimizer: torch.optim.Optimizer | None) -> None:
         """Warm-up gates of thawed blocks (frozen blocks stay at 0 whatever is given)."""
         self.gates.update(gates)
