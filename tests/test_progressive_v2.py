@@ -337,3 +337,17 @@ def test_a_bad_regex_entry_fails_before_training_naming_the_key(entry: str, expe
     with pytest.raises(ValueError, match=expected):
         fit(model, ProgressiveUnfreezing(schedule={1: entry}), 1)
     assert model.backbone.block_names() == BLOCKS  # a failed carve leaves the backbone as it was
+
+
+def test_the_readme_schedule_example_resolves_against_mobilenet_v2() -> None:
+    from transfer_lit import TorchvisionBackbone
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("- class_path: transfer_lit.ProgressiveUnfreezing\n  init_args:"):]
+    spec = yaml.safe_load(block[: block.index("```")])[0]
+    callback = ProgressiveUnfreezing(**spec["init_args"])
+    model = TransferModule(TorchvisionBackbone("mobilenet_v2", None), num_classes=2, mode="progressive")
+    table = callback.plan(model)
+    assert "metric-driven" in table and len(callback.phases) == 3
+    assert callback.phases[2].lr_scale == 0.5 and callback.phases[2].restart_schedule
+    assert len(callback.phases[2].blocks) == 6  # the depth cap of 8, less the two thawed before
