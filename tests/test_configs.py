@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 
 from transfer_lit import ImageDataModule, Preprocessing, TransferModule
 from transfer_lit.cli import TransferCLI, build_cli, main
+from transfer_lit.schedulers import WarmupDecay
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
@@ -116,7 +117,9 @@ def test_finetune_is_the_classic_recipe(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path, {"train": 2, "val": 1}, size=8)
     args = ["--config", str(CONFIGS / "finetune.yaml"), "--model.backbone.init_args.weights", "null",
             "--data.root", str(root)]
-    model = ModelOnlyCLI(TransferModule, ImageDataModule, run=False, args=args).model
+    cli = TransferCLI(TransferModule, ImageDataModule, run=False, args=[*args, "--trainer.accelerator", "cpu"])
+    model = cli.model
+    model.trainer = cli.trainer
     config = model.configure_optimizers()
     groups = {g["name"]: g for g in config["optimizer"].param_groups}
     assert type(config["optimizer"]) is torch.optim.AdamW
@@ -125,7 +128,10 @@ def test_finetune_is_the_classic_recipe(tmp_path: Path) -> None:
     assert backbone and all(g["lr"] == pytest.approx(1e-5) and g["weight_decay"] == pytest.approx(0.01)
                             for g in backbone)
     assert all(g["weight_decay"] == 0 for name, g in groups.items() if name.endswith("no_decay"))
-    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, WarmupDecay) and scheduler.decay == "cosine" and scheduler.warmup == 0
+    # sized from the run (max_epochs: 8), not a literal T_max that goes stale when --trainer.max_epochs changes
+    assert config["lr_scheduler"]["interval"] == "epoch" and scheduler.total_steps == 8
 
 
 # ----------------------------------------------------------------- debug recipe end to end

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_lit import NonFiniteLossError, TransferModule
+from transfer_lit.evaluation.hooks import EvaluationHooks
 from transfer_lit.finite_check import FiniteCheck
 from transfer_lit.freezing import FreezingHooks
 
@@ -46,7 +47,7 @@ def test_a_reused_trainer_checks_only_the_module_that_attached_it(tmp_path: Path
     first = TransferModule(TinyBackbone(), num_classes=3)
     trainer.fit(first, _loader())
     mine = [c for c in trainer.callbacks if getattr(c, "owner", None) is first]
-    assert {type(c) for c in mine} == {FreezingHooks, FiniteCheck}
+    assert {type(c) for c in mine} == {FreezingHooks, EvaluationHooks, FiniteCheck}
     caplog.set_level(logging.INFO)
     trainer.validate(first, _loader(), verbose=False)  # the same module again: nothing re-attached
     assert "will override existing callbacks" not in caplog.text

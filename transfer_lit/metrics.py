@@ -13,6 +13,9 @@ import torch
 from torch import nn
 from torchmetrics import AUROC, Accuracy, ConfusionMatrix, F1Score, Metric, MetricCollection, Precision, Recall
 
+from transfer_lit.evaluation.calibration import TopLabelECE
+from transfer_lit.evaluation.decision import PredictionStore
+
 Task = Literal["multiclass", "binary", "multilabel"]
 
 
@@ -34,7 +37,8 @@ def check_task(task: Task, num_classes: int, class_names: list[str] | None, clas
 
 
 def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy, macro precision / recall / F1 and AUROC, named ``{prefix}_acc`` etc.
+    """Accuracy, macro precision / recall / F1, AUROC and (not multilabel) the top-label ECE, named ``{prefix}_acc``
+    etc.
 
     Args:
         task: ``multiclass`` (one label per sample), ``binary`` or ``multilabel``.
@@ -54,6 +58,8 @@ def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection
         "f1": F1Score(**kw),
         "auroc": AUROC(**kw),
     }
+    if task != "multilabel":
+        metrics["ece"] = TopLabelECE()
     return MetricCollection(metrics, prefix=f"{prefix}_")
 
 
@@ -171,12 +177,25 @@ class StageMetrics(nn.Module):
         self.val_metrics = build_metrics(task, num_classes, "val")
         self.test_metrics = build_metrics(task, num_classes, "test")
         self.test_confusion = build_confusion_matrix(task, num_classes)
+        self.val_store, self.test_store = PredictionStore(), PredictionStore()  # logits, for fits and curves
+        self.store_val = True
+        self.threshold = 0.5
 
-    def update(self, stage: str, probs: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch's probabilities and targets to ``stage``'s metrics."""
+    def update(self, stage: str, probs: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """Add one batch's probabilities and targets to ``stage``'s metrics (and its ``logits`` to the test store,
+        and to the validation one when ``store_val``)."""
         getattr(self, f"{stage}_metrics").update(probs, target)
+        if logits is not None and (stage == "test" or (stage == "val" and self.store_val)):
+            getattr(self, f"{stage}_store").update(logits, target)
         if stage == "test":
-            self.test_confusion.update(probs if self.task != "binary" else (probs > 0.5).long(), target)
+            self.test_confusion.update(probs if self.task != "binary" else (probs >= self.threshold).long(), target)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Binary tasks: the decision threshold of the test metrics and confusion matrix (probability of class 1)."""
+        self.threshold = threshold
+        for metric in self.test_metrics.values():
+            if hasattr(metric, "threshold"):
+                metric.threshold = threshold
 
     def epoch_values(self, stage: str) -> Any:
         """What to log at the end of ``stage``'s epoch: the collection itself (Lightning computes, syncs and resets

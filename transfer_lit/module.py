@@ -20,6 +20,8 @@ from typing_extensions import override
 from transfer_lit.backbones.base import as_backbone
 from transfer_lit.checkpoints.hparams import given_hparams
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
+from transfer_lit.evaluation.decision import Calibration, Decision
+from transfer_lit.evaluation.hooks import EvaluationHooks
 from transfer_lit.finite_check import FiniteCheck
 from transfer_lit.freezing import BNPolicy, FreezingHooks, FreezingStrategy, FrozenBlocks, build_freezing
 from transfer_lit.freezing.blocks import Mode, check_modes
@@ -60,6 +62,9 @@ class TransferModule(LightningModule):
             mode with its affine parameters never trained, even once thawed).
         preprocessing: overrides (``crop_size``, ``mean``, ...) of what the backbone's weights declare (after a
             reload: what the checkpoint was trained with), which wins over the backbone's defaults.
+        calibration: ``temperature``: fit a temperature to each validation epoch's logits, for ``test`` / ``predict``.
+        threshold: binary tasks: ``test`` / ``predict``'s threshold on P(class 1): a number, or ``max_f1`` /
+            ``recall>=0.9`` / ``precision>=0.9``, chosen on each validation epoch (both saved in checkpoints).
         check_finite: stop with a clear error at a NaN or infinite training loss (on CUDA two steps later).
         compile: ``torch.compile`` the backbone (slow first steps, one recompile per thaw; ``benchmarks/RESULTS.md``).
 
@@ -95,6 +100,8 @@ class TransferModule(LightningModule):
         class_names: list[str] | None = None,
         bn_policy: BNPolicy = "eval",
         preprocessing: dict[str, Any] | None = None,
+        calibration: Calibration = "none",
+        threshold: float | str = 0.5,
         check_finite: bool = True,
         compile: bool = False,
     ) -> None:
@@ -116,7 +123,7 @@ class TransferModule(LightningModule):
         self.speed = BackboneSpeed(compile)
         self.frozen = FrozenBlocks(self.backbone, bn_policy)
         self.lr_scale = 1.0
-        self.metrics = StageMetrics(task, num_classes)
+        self.metrics, self.decision = StageMetrics(task, num_classes), Decision(task, calibration, threshold)
         self.last_test_report = ""
         self.set_frozen_blocks(self.backbone.block_names() if mode != "finetune" else [])
 
@@ -205,7 +212,8 @@ class TransferModule(LightningModule):
             return None
         logits = self.batch_logits(batch)
         loss = self.loss(logits, batch[1])
-        self.metrics.update(stage, self.probabilities(logits.detach()), batch[1])
+        scored = self.decision.scale(logits.detach()) if stage == "test" else logits.detach()  # val: raw, to fit on
+        self.metrics.update(stage, self.probabilities(scored), batch[1], logits.detach())
         # Lightning reads every progress-bar value on the host after each step: not the step loss when sync-free.
         prog_bar = stage != "train" or not self._sync_free()
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=prog_bar,
@@ -214,18 +222,6 @@ class TransferModule(LightningModule):
 
     def _sync_free(self) -> bool:
         return self.device.type == "cuda" if self.sync_free is None else self.sync_free
-
-    def _log_epoch_metrics(self, stage: str) -> None:
-        # Once per epoch: each self.log of a Metric walks Lightning's result collection (~80 ms/step on CPU).
-        self.log_dict(self.metrics.epoch_values(stage), prog_bar=stage == "val")
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_metrics("train")
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
@@ -243,22 +239,23 @@ class TransferModule(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if batch is None:  # every sample of the batch was skipped (data.bad_images='skip')
             return {"paths": [], "probs": torch.empty(0, self.num_classes)}
-        return {"paths": list(batch[1]), "probs": self.probabilities(self.batch_logits(batch))}
+        return {"paths": list(batch[1]), "probs": self.probabilities(self.decision.scale(self.batch_logits(batch)))}
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
         self.last_test_report = self.metrics.test_report(self.class_names)
         if self.last_test_report and self.trainer.is_global_zero:
             print(self.last_test_report)
 
     @override
     def configure_callbacks(self) -> list[Callback]:
-        """The freezing strategy's steps and the NaN check (no override of a training hook can skip them), each
-        bound to this module; extend with ``super()``: ``on_fit_start`` checks they are attached."""
+        """The freezing strategy's steps, the epoch metrics and decision fits
+        (:class:`~transfer_lit.evaluation.hooks.EvaluationHooks`) and the NaN check (no override of a hook can skip
+        them), each bound to this module; extend with ``super()``: ``on_fit_start`` checks they are attached."""
         if self._attached():  # a reused Trainer already holds this module's own
             return []
-        return [FreezingHooks(self)] + ([FiniteCheck(self, self._sync_free)] if self.check_finite else [])
+        return [FreezingHooks(self), EvaluationHooks(self)] + ([FiniteCheck(self, self._sync_free)] if self.check_finite
+                                                               else [])
 
     def _attached(self) -> list[Callback]:
         callbacks: list[Callback] = getattr(self._trainer, "callbacks", [])
@@ -285,8 +282,8 @@ class TransferModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return self.recipe.build(self.backbone, self.head, self.device, self.frozen, lambda: self.lr_scale,
-                                 lambda interval: run_length(self.trainer, interval))
+        sized = (lambda interval: run_length(self.trainer, interval)) if self._trainer is not None else None
+        return self.recipe.build(self.backbone, self.head, self.device, self.frozen, lambda: self.lr_scale, sized)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

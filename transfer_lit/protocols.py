@@ -15,6 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from transfer_lit.backbones.base import Backbone
+    from transfer_lit.evaluation.decision import Decision
     from transfer_lit.freezing.frozen import FrozenBlocks
     from transfer_lit.freezing.strategies import FreezingStrategy
     from transfer_lit.preprocessing import Preprocessing
@@ -104,6 +105,7 @@ class CheckpointState(Protocol):
     """What :mod:`transfer_lit.checkpoints.state` saves and restores besides the weights."""
 
     preprocessing: Preprocessing
+    decision: Decision
     frozen: FrozenBlocks
     class_names: list[str]
     lr_scale: float

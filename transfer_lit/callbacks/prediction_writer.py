@@ -61,9 +61,13 @@ class CSVPredictionWriter(BasePredictionWriter):
         assert self._temp is not None
         probs: torch.Tensor = prediction["probs"]
         names = list(pl_module.class_names) if isinstance(pl_module, Classifier) else []
-        if probs.ndim == 1:  # binary: probability of class 1
+        if probs.ndim == 1:  # binary: probability of class 1, class 1 at or above the module's decision threshold
+            threshold = float(getattr(getattr(pl_module, "decision", None), "threshold", 0.5))
+            index = (probs >= threshold).long()
             probs = torch.stack([1 - probs, probs], dim=1)
-        confidence, index = probs.max(dim=1)
+            confidence = probs.gather(1, index[:, None]).squeeze(1)
+        else:
+            confidence, index = probs.max(dim=1)
         self._rows += len(prediction["paths"])
         with self._temp.open("a", newline="") as f:
             writer = csv.writer(f)

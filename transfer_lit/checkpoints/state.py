@@ -17,14 +17,15 @@ from transfer_lit.protocols import CheckpointState
 
 
 def save_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) -> None:
-    """Add ``module``'s preprocessing, class names, frozen (and regex-carved) blocks and ``lr_scale`` to
-    ``checkpoint``."""
+    """Add ``module``'s preprocessing, class names, frozen (and regex-carved) blocks, ``lr_scale`` and decision
+    (temperature, threshold) to ``checkpoint``."""
     checkpoint["transfer_lit"] = {
         "preprocessing": module.preprocessing.to_dict(),
         "class_names": list(module.class_names),
         "frozen_blocks": sorted(module.frozen_blocks),
         "carved_blocks": sorted(module.frozen.backbone.carved_blocks()),
         "lr_scale": module.lr_scale,
+        "decision": module.decision.state_dict(),
     }
 
 
@@ -41,6 +42,7 @@ def restore_transfer_state(module: CheckpointState, checkpoint: dict[str, Any]) 
     module.preprocessing.check_checkpoint(trained_with)
     module.class_names = list(state["class_names"])
     module.lr_scale = float(state["lr_scale"])
+    module.decision.load_state_dict(state.get("decision", {}))
     carved = {b: b[len(REGEX_PREFIX):] for b in state.get("carved_blocks", [])
               if b.startswith(REGEX_PREFIX) and b not in module.frozen.names}
     if carved:  # blocks a schedule's regex entries carved: a command without the schedule (predict) carves them too
