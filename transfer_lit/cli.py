@@ -7,8 +7,6 @@ signal (:class:`~transfer_lit.FaultTolerance`). Nothing in the package imports t
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
@@ -17,13 +15,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from transfer_lit.callbacks import CSVPredictionWriter, EpochSummary, FaultTolerance, ProgressiveUnfreezing
 from transfer_lit.callbacks.epoch_summary import validation_summary
 from transfer_lit.callbacks.fault_tolerance import EXIT_CODES
+from transfer_lit.callbacks.learning_rates import LearningRates
 from transfer_lit.checkpoints import (
     AtomicCheckpointIO,
     check_config_files,
@@ -34,14 +33,18 @@ from transfer_lit.checkpoints import (
     resume_command,
     with_checkpoint_model,
 )
+from transfer_lit.cli_config import show_the_head_lr
+from transfer_lit.compare import main as compare_main
 from transfer_lit.console import quiet_lightning
 from transfer_lit.errors import unwrapped, user_error_message
+from transfer_lit.loggers import DEFAULT_ROOT_DIR, resolve_loggers, with_logger_save_dir
 from transfer_lit.module import TransferModule
 from transfer_lit.speed import apply_gpu_defaults, keep_freed_memory, native_bf16, prefer_tf32
 
 DESCRIPTION = ("transfer-lit: transfer learning with PyTorch Lightning (linear probe, fine-tune, progressive "
-               "unfreezing) for images and text. Add --debug to any command for full tracebacks of errors; "
-               "--version prints the version. Recipes: configs/README.md.")
+               "unfreezing) for images and text; `transfer-lit compare --help`: which strategy wins on your data. "
+               "Add --debug to any command for full tracebacks of errors; --version prints the version. Recipes: "
+               "configs/README.md.")
 
 #: The data module of each modality: ``--data`` defaults to images; a text checkpoint's ``predict`` to text.
 DATA_CLASSES = {"image": "transfer_lit.ImageDataModule", "text": "transfer_lit.TextDataModule"}
@@ -70,6 +73,9 @@ class TransferCLI(LightningCLI):
             datamodule_class = LightningDataModule
             kwargs.setdefault("subclass_mode_data", True)
         defaults = {"callbacks": self.default_callbacks(fault_tolerance or FaultTolerance()),
+                    # metrics.csv whatever is installed (Lightning's own default is TensorBoard when it can import it)
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": DEFAULT_ROOT_DIR}},
                     # Every checkpoint write goes to a temp file + fsync + os.replace: a kill never corrupts last.ckpt.
                     "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]}
         kwargs["trainer_defaults"] = {**defaults, **(kwargs.get("trainer_defaults") or {})}
@@ -80,13 +86,13 @@ class TransferCLI(LightningCLI):
 
     @staticmethod
     def default_callbacks(fault_tolerance: FaultTolerance) -> list[Callback]:
-        """The best and the last checkpoint, the learning rates, one line per epoch, stopping on a signal."""
+        """The best and last checkpoints, the learning rates (LearningRates), a line per epoch, stopping on a signal."""
         return [
             ModelCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}-{val_acc:.4f}"),
             # last.ckpt after every epoch: since Lightning 2.6, save_last=True on a monitoring
             # ModelCheckpoint only refreshes it when the monitored metric improves.
             ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
-            LearningRateMonitor(logging_interval="epoch"),
+            LearningRates(logging_interval="epoch"),
             EpochSummary(),
             fault_tolerance,
         ]
@@ -95,10 +101,11 @@ class TransferCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """As LightningCLI, but a ``--ckpt_path`` file supplies the model's required arguments (``model.backbone``):
         ``predict --ckpt_path X --data.predict_root Y`` needs no recipe. LightningCLI applies the checkpoint's
-        hyperparameters over the parsed config afterwards, but only once the required ones were given."""
+        hyperparameters over the parsed config afterwards, but only once the required ones were given. A logger named
+        without ``save_dir`` (``--trainer.logger TensorBoardLogger``) writes under ``trainer.default_root_dir``."""
         if args is not None and not isinstance(args, list):  # a dict or a Namespace: nothing to extend
             return super().parse_arguments(parser, args)
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = with_logger_save_dir(list(sys.argv[1:] if args is None else args))
         check_config_files(argv)
         self.config = parser.parse_args(with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None,
                                                               self.subclass_mode_model))
@@ -156,8 +163,9 @@ class TransferCLI(LightningCLI):
                     f"no_decay twins) and their learning rates with one group; give it to the model instead: "
                     f"--model.{key} {name} (learning rates come from model.lr, model.backbone_lr_mult and "
                     f"model.layer_decay)")
-        self._show_the_head_lr(model)
+        show_the_head_lr(model)
         trainer = config["trainer"]
+        resolve_loggers(trainer)
         cuda = torch.cuda.is_available()
         apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
         if trainer.get("sync_batchnorm") and (trainer.get("accelerator") == "cpu" or not cuda):
@@ -170,30 +178,10 @@ class TransferCLI(LightningCLI):
             print("transfer-lit: trainer.max_epochs=-1 and no max_steps / max_time: training runs until stopped "
                   "(Ctrl-C or SIGTERM saves a checkpoint to resume from)", file=sys.stderr)
         # Default callbacks are always appended; drop those Lightning refuses when the user switched off what they need.
-        unwanted: list[type] = [LearningRateMonitor] if trainer.get("logger") is False else []
+        unwanted: list[type] = [LearningRates] if trainer.get("logger") is False else []
         unwanted += [ModelCheckpoint] if trainer.get("enable_checkpointing") is False else []
         callbacks = self.trainer_defaults.get("callbacks", [])
         self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, tuple(unwanted))]
-
-    @staticmethod
-    def _show_the_head_lr(model: Any) -> None:
-        """Every parameter group gets its own learning rate (``model.lr``, ``backbone_lr_mult``, ``layer_decay``), so
-        the optimizer's own ``lr`` is never used: show ``model.lr`` there (in ``--print_config``, ``config.yaml`` and
-        the checkpoint's hyperparameters), and refuse a value set on purpose, which would silently do nothing."""
-        optimizer = model.get("optimizer")
-        init_args = getattr(optimizer, "init_args", None)
-        if init_args is None or "lr" not in init_args or "lr" not in model:
-            return
-        try:
-            module, _, name = optimizer.class_path.rpartition(".")
-            default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["lr"].default
-        except (ImportError, AttributeError, KeyError, TypeError, ValueError):
-            return
-        if init_args["lr"] not in (default, model["lr"]):
-            raise ValueError(f"model.optimizer.init_args.lr={init_args['lr']} is not used: every parameter group gets "
-                             f"its own learning rate; set model.lr (the head's, now {model['lr']}), "
-                             f"model.backbone_lr_mult and model.layer_decay instead")
-        init_args["lr"] = model["lr"]
 
     def _resolve_last_checkpoint(self) -> None:
         # Partial writes of killed processes, in this configuration's every version folder (18 MB+ each).
@@ -239,11 +227,7 @@ class TransferCLI(LightningCLI):
     def before_validate(self) -> None:
         self._resolve_last_checkpoint()
 
-    def before_test(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_predict(self) -> None:
-        self._resolve_last_checkpoint()
+    before_test = before_predict = before_validate
 
 
 def build_cli(args: list[str] | None, fault_tolerance: FaultTolerance | None = None, run: bool = True) -> TransferCLI:
@@ -270,8 +254,10 @@ def main(args: list[str] | None = None) -> None:
     subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
     try:
         with quiet_lightning(subcommand):
-            # None when argv is the command line itself: LightningCLI warns when given both.
-            TransferCLI(args=None if argv == sys.argv[1:] else argv, fault_tolerance=fault_tolerance)
+            if argv[:1] == ["compare"]:  # not a Trainer method: its own parser, one fit per strategy and seed
+                compare_main(argv[1:])
+            else:  # args None when argv is the command line itself: LightningCLI warns when given both
+                TransferCLI(args=None if argv == sys.argv[1:] else argv, fault_tolerance=fault_tolerance)
     except (KeyboardInterrupt, SystemExit) as stop:
         # SIGTERM / first Ctrl-C: FaultTolerance saved a checkpoint and set the exit code (143 / 130).
         # Second Ctrl-C: Lightning exits with 1 from its KeyboardInterrupt handler; report 130 as shells do.

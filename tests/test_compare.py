@@ -1,0 +1,86 @@
+"""``transfer-lit compare`` on a tiny real image folder: the split, the search, the pick, the files, and the
+same JSON again for the same seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_image_folder
+
+from transfer_lit.cli import main
+from transfer_lit.compare import summarize
+
+DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+def recipe(folder: Path, mode: str) -> Path:
+    config = yaml.safe_load(DEBUG.read_text())
+    config["model"]["mode"] = mode
+    config["trainer"]["limit_test_batches"] = None  # every held-out image
+    path = folder / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_compare_selects_on_validation_and_reports_on_held_out_images(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = make_image_folder(tmp_path / "images", {"train": 8, "val": 6})  # no test/: val is cut in two
+    args = ["compare", "--data.root", str(images), "--strategies", "linear_probe,finetune", "--seeds", "2",
+            "--epochs", "1", "--backbone_lr_mults", "0.1,1",
+            "--recipe", f"linear_probe={recipe(tmp_path, 'linear_probe')}",
+            "--recipe", f"finetune={recipe(tmp_path, 'finetune')}"]
+    main([*args, "--output_dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert "| strategy | held-out acc |" in out and "winning recipe:" in out
+    assert summary["pick"] in ("linear_probe", "finetune")
+    probe, finetune = summary["strategies"]["linear_probe"], summary["strategies"]["finetune"]
+    assert probe["seeds"] == finetune["seeds"] == 2 and probe["backbone_lr_mult"] is None
+    assert finetune["backbone_lr_mult"] in (0.1, 1.0)
+    assert all(0 <= r["accuracy_mean"] <= 1 and "ece_mean" in r and "f1_mean" in r for r in (probe, finetune))
+    split = tmp_path / "a" / "split"
+    for name in ("red", "green", "blue"):
+        val = {p.name for p in (split / "val" / name).iterdir()}
+        test = {p.name for p in (split / "test" / name).iterdir()}
+        assert len(val) == len(test) == 3 and not val & test  # selection and reporting never share an image
+    best = yaml.safe_load((tmp_path / "a" / "best.yaml").read_text())
+    assert best["data"]["root"] == str(split) and best["trainer"]["max_epochs"] == 1
+    assert json.loads((tmp_path / "a" / "compare.json").read_text()) == summary
+    assert (tmp_path / "a" / "compare.md").is_file()
+
+
+def test_the_same_seeds_give_the_same_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = make_image_folder(tmp_path / "images", {"train": 8, "val": 6})
+    args = ["compare", "--data.root", str(images), "--strategies", "finetune", "--seeds", "1", "--epochs", "1",
+            "--backbone_lr_mults", "1", "--recipe", f"finetune={recipe(tmp_path, 'finetune')}"]
+    summaries = []
+    for out in ("a", "b"):
+        main([*args, "--output_dir", str(tmp_path / out)])
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        summaries.append({k: {m: v for m, v in r.items() if m != "wall_s"} for k, r in summary["strategies"].items()})
+    assert summaries[0] == summaries[1]
+
+
+def test_the_pick_prefers_the_cheaper_of_two_equals() -> None:
+    def runs(selection: list[float], wall: float) -> list[dict[str, float]]:
+        return [{"acc": 0.8, "selection_acc": v, "wall_s": wall} for v in selection]
+
+    mults = {"linear_probe": None, "finetune": 0.1}
+    # finetune leads (0.84 +- 0.057), the probe is within that std and 5 x cheaper: the probe
+    assert summarize({"linear_probe": runs([0.81, 0.83], 10), "finetune": runs([0.80, 0.88], 50)}, mults)["pick"] \
+        == "linear_probe"
+    # a clear lead (0.84 +- 0.014 against 0.82): finetune
+    assert summarize({"linear_probe": runs([0.81, 0.83], 10), "finetune": runs([0.83, 0.85], 50)}, mults)["pick"] \
+        == "finetune"
+
+
+def test_a_folder_without_val_is_refused_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--data.root", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "compare --data.root=" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""``transfer-lit compare``: which strategy wins on my data, judged on held-out data, over seeds.
+
+    transfer-lit compare --data.root images/ [--strategies linear_probe,finetune,progressive] [--seeds 3]
+                         [--epochs 5] [--backbone_lr_mults 0.01,0.1,1] [--output_dir outputs/compare] [-- fit args]
+
+Each strategy runs its shipped recipe (``configs/<strategy>.yaml``, or ``--recipe STRATEGY=FILE``) through
+``transfer-lit fit`` on one fixed split: ``train/`` trains, ``val/`` selects (the checkpoint of the best
+validation accuracy, and the backbone LR multiplier), and ``test/`` reports. A folder with only ``train/`` and
+``val/`` has its ``val/`` cut in two seeded, stratified halves (selection, held-out), so selection and reporting
+never share an image. The multiplier search (fine-tune and progressive; the probe has no backbone LR) runs on the
+first seed only and is judged on the selection split; the chosen value then runs on every seed.
+
+The pick: the strategy with the highest mean selection accuracy; one within its standard deviation that took
+less wall time wins instead (the cheaper of two equals). Written to ``--output_dir``: ``compare.json`` (held-out
+mean +- std of accuracy, macro F1, AUROC, ECE; wall time), ``compare.md``, ``compare.png`` (with matplotlib) and
+``best.yaml``, the winning recipe, ready for ``transfer-lit fit --config best.yaml``. The same seeds give the
+same JSON, wall times aside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES = {"linear_probe": "linear_probe.yaml", "finetune": "finetune.yaml", "progressive": "progressive.yaml",
+           "scratch": "finetune.yaml"}
+SEARCHED = ("finetune", "progressive")
+IMAGES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+REPORTED = ("acc", "f1", "auroc", "ece")
+
+
+def held_out_split(root: Path, folder: Path, seed: int) -> Path:
+    """``root`` itself when it has ``test/``; else ``folder`` with ``train/`` linked and ``val/`` cut in two."""
+    if (root / "test").is_dir():
+        return root
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise ValueError(f"compare --data.root={str(root)!r} needs train/ and val/ class folders (and optionally "
+                         f"test/): selection and reporting use separate images")
+    if folder.exists():
+        return folder
+    (folder / "train").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "train").symlink_to((root / "train").resolve())
+    rng = random.Random(seed)
+    for class_dir in sorted(p for p in (root / "val").iterdir() if p.is_dir()):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGES)
+        rng.shuffle(files)
+        for split, chosen in (("val", files[: len(files) // 2]), ("test", files[len(files) // 2:])):
+            (folder / split / class_dir.name).mkdir(parents=True, exist_ok=True)
+            for file in chosen:
+                (folder / split / class_dir.name / file.name).symlink_to(file.resolve())
+    return folder
+
+
+def fit_and_test(recipe: Path, root: Path, out: Path, seed: int, epochs: int, mult: float | None,
+                 scratch: bool, extra: list[str]) -> dict[str, float]:
+    """One ``fit`` of ``recipe``, then ``test`` of its best-validation checkpoint on the held-out split."""
+    from transfer_lit.cli import build_cli
+
+    args = ["fit", "--config", str(recipe), "--data.root", str(root), "--seed_everything", str(seed),
+            "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(out),
+            "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true"]
+    if mult is not None:
+        args += ["--model.backbone_lr_mult", str(mult)]
+    if scratch:
+        args += ["--model.backbone.init_args.weights", "null", "--model.backbone_lr_mult", "1.0"]
+    start = time.perf_counter()
+    cli = build_cli(args + extra)
+    wall = time.perf_counter() - start
+    selection = float(cli.trainer.checkpoint_callback.best_model_score or 0.0)  # type: ignore[union-attr]
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    metrics = cli.trainer.callback_metrics
+    result = {k: round(float(metrics[f"test_{k}"]), 4) for k in REPORTED if f"test_{k}" in metrics}
+    return {**result, "selection_acc": round(selection, 4), "wall_s": round(wall, 1)}
+
+
+def summarize(runs: dict[str, list[dict[str, float]]], mults: dict[str, float | None]) -> dict[str, Any]:
+    """Mean and std per strategy, and the pick (see the module's docstring)."""
+    strategies: dict[str, Any] = {}
+    for name, results in runs.items():
+        row: dict[str, Any] = {}
+        for key in (*REPORTED, "selection_acc"):
+            values = [r[key] for r in results if key in r]
+            if values:
+                row[f"{key}_mean"] = round(statistics.fmean(values), 4)
+                row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+        row["accuracy_mean"], row["accuracy_std"] = row.pop("acc_mean", None), row.pop("acc_std", None)
+        row["wall_s"] = round(sum(r["wall_s"] for r in results) / len(results), 1)
+        row["backbone_lr_mult"], row["seeds"] = mults.get(name), len(results)
+        strategies[name] = row
+    best = max(strategies, key=lambda s: strategies[s]["selection_acc_mean"])
+    top = strategies[best]
+    equals = [s for s, r in strategies.items()
+              if top["selection_acc_mean"] - r["selection_acc_mean"] <= top["selection_acc_std"]]
+    pick = min(equals, key=lambda s: strategies[s]["wall_s"])
+    return {"pick": pick, "rule": "highest mean selection accuracy; within its std, the least wall time",
+            "strategies": strategies}
+
+
+def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, epochs: int) -> None:
+    """compare.json / .md / .png and best.yaml."""
+    (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    head = "| strategy | held-out acc | macro F1 | AUROC | ECE | selection acc | backbone LR mult | wall s |"
+    lines = [f"# compare: pick **{summary['pick']}** ({summary['rule']})", "", head, "|---" * 8 + "|"]
+    for name, r in summary["strategies"].items():
+        lines.append(f"| {name} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r.get('f1_mean', 0):.4f} | "
+                     f"{r.get('auroc_mean', 0):.4f} | {r.get('ece_mean', 0):.4f} | {r['selection_acc_mean']:.4f} | "
+                     f"{r['backbone_lr_mult']} | {r['wall_s']} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    config = yaml.safe_load(recipe.read_text())
+    pick = summary["strategies"][summary["pick"]]
+    config.setdefault("data", {})["root"] = str(root)
+    config.setdefault("trainer", {})["max_epochs"] = epochs
+    if pick["backbone_lr_mult"] is not None:
+        config.setdefault("model", {})["backbone_lr_mult"] = pick["backbone_lr_mult"]
+    header = f"# The pick of transfer-lit compare ({summary['pick']}): transfer-lit fit --config best.yaml\n"
+    (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("transfer-lit compare: pip install 'transfer-lit[plots]' (matplotlib) for compare.png")
+        return
+    names = list(summary["strategies"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    means = [summary["strategies"][n]["accuracy_mean"] for n in names]
+    stds = [summary["strategies"][n]["accuracy_std"] for n in names]
+    ax.bar(names, means, yerr=stds, capsize=6, color=["tab:green" if n == summary["pick"] else "tab:blue"
+                                                      for n in names])
+    ax.set(ylabel="held-out accuracy (mean +- std over seeds)", ylim=(0, 1), title="transfer-lit compare")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+
+
+def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
+            backbone_lr_mults: tuple[float, ...] = (0.01, 0.1, 1.0), output_dir: str = "outputs/compare",
+            recipes: dict[str, str] | None = None, extra: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison (the module's docstring) and return the summary written to ``compare.json``."""
+    unknown = [s for s in strategies if s not in RECIPES]
+    if unknown:
+        raise ValueError(f"compare --strategies: unknown {unknown}; valid: {sorted(RECIPES)}")
+    if seeds < 1 or epochs < 1:
+        raise ValueError(f"compare: --seeds and --epochs must be >= 1, got {seeds} and {epochs}")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    files = {s: Path((recipes or {}).get(s) or configs / RECIPES[s]) for s in strategies}
+    missing = {s: str(f) for s, f in files.items() if not f.is_file()}
+    if missing:
+        raise FileNotFoundError(f"compare: recipe file(s) not found {missing}; give --recipe STRATEGY=FILE")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = held_out_split(Path(root), out / "split", seed=0)
+    runs: dict[str, list[dict[str, float]]] = {}
+    mults: dict[str, float | None] = {}
+    for strategy in strategies:
+        def run(seed: int, mult: float | None, strategy: str = strategy) -> dict[str, float]:
+            folder = out / "runs" / strategy / f"mult{mult}" / f"seed{seed}"
+            return fit_and_test(files[strategy], data, folder, seed, epochs, mult, strategy == "scratch", extra or [])
+
+        if strategy in SEARCHED and len(backbone_lr_mults) > 1:
+            tried = {m: run(0, m) for m in backbone_lr_mults}
+            chosen = max(tried, key=lambda m: tried[m]["selection_acc"])
+            mults[strategy] = chosen
+            runs[strategy] = [tried[chosen]] + [run(s, chosen) for s in range(1, seeds)]
+        else:
+            mults[strategy] = backbone_lr_mults[0] if strategy in SEARCHED else None
+            runs[strategy] = [run(s, mults[strategy]) for s in range(seeds)]
+    summary = summarize(runs, mults)
+    write_outputs(summary, out, files[summary["pick"]], data, epochs)
+    return summary
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """``transfer-lit compare ...``: prints the table and the winning recipe, last line the JSON summary."""
+    parser = argparse.ArgumentParser(prog="transfer-lit compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data.root", dest="root", required=True)
+    parser.add_argument("--strategies", default="linear_probe,finetune,progressive")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--backbone_lr_mults", default="0.01,0.1,1")
+    parser.add_argument("--output_dir", default="outputs/compare")
+    parser.add_argument("--recipe", action="append", default=[], metavar="STRATEGY=FILE")
+    own, extra = parser.parse_known_args(argv)
+    recipes = dict(item.split("=", 1) for item in own.recipe)
+    summary = compare(own.root, own.strategies.split(","), own.seeds, own.epochs,
+                      tuple(float(m) for m in own.backbone_lr_mults.split(",")), own.output_dir, recipes,
+                      [a for a in extra if a != "--"])
+    print((Path(own.output_dir) / "compare.md").read_text())
+    print(f"winning recipe: {Path(own.output_dir) / 'best.yaml'}")
+    print(json.dumps(summary))
+    return summary
