@@ -270,3 +270,39 @@ def test_text_transfer_smoke_prints_every_strategy(tmp_path: Path) -> None:
     assert set(summary) == {"scratch", "linear_probe", "finetune", "progressive"}
     assert all(0 <= r["accuracy"] <= 1 and r["test_texts"] == 872 for r in summary.values())
     assert json.loads(out.read_text()) == summary
+
+
+# ----------------------------------------------------------------------------- ddp_thaw_overhead.py
+
+
+def test_ddp_thaw_ratio_is_the_ratio_of_the_arms_median_step_times(capsys: pytest.CaptureFixture) -> None:
+    script = load_script("ddp_thaw_overhead")
+    args = script.parse_args(["--repeats", "3"])
+    phases = {"forward_backward": 50.0, "thawed_sync": 0.0, "optimizer": 10.0, "steps": 30,
+              "params_synced_by_transfer_lit": 0, "params": 158}
+    progressive = [105.0, 400.0, 103.0]  # the second repeat hit by other work: the medians leave it out
+    fits = [{**phases, "arm": arm, "repeat": r, "step": step, "step_median": step}
+            for r, p in enumerate(progressive) for arm, step in (("progressive", p), ("finetune", 100.0))]
+    summary = script.summarize(fits, args)
+    assert summary["ddp_thaw_ratio"] == pytest.approx(1.05)
+    assert summary["paired_ratios"] == pytest.approx([1.05, 4.0, 1.03])
+    assert summary["fastest_fit_ratio"] == pytest.approx(1.03)
+    script.report(summary)
+    *_, paired, _robust, json_line, last = capsys.readouterr().out.strip().splitlines()
+    assert last == "ddp_thaw_ratio=1.050" and json.loads(json_line) == summary
+    assert "median 1.050, range 1.030-4.000" in paired
+    with pytest.raises(SystemExit):
+        script.parse_args(["--steps", "0"])
+
+
+def test_ddp_thaw_overhead_smoke_times_both_arms_on_two_ranks(capsys: pytest.CaptureFixture) -> None:
+    """Two CPU ranks, one tiny fit per arm (~15 s here): the progressive arm really goes through the thawed sync."""
+    summary = load_script("ddp_thaw_overhead").main(["--steps", "2", "--warmup", "1", "--repeats", "1",
+                                                     "--image-size", "32", "--batch-size", "2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"ddp_thaw_ratio={summary['ddp_thaw_ratio']:.3f}" and summary["ddp_thaw_ratio"] > 0
+    assert summary["timed_steps"] == 2
+    # Every backbone tensor (all but the head's weight and bias) left out of DDP, synced by transfer_lit once thawed.
+    assert summary["params_synced_by_transfer_lit"] == {"progressive": summary["params"] - 2, "finetune": 0}
+    medians = summary["median_ms"]
+    assert medians["progressive"]["thawed_sync"] > medians["finetune"]["thawed_sync"]  # the timer brackets the sync
