@@ -84,3 +84,22 @@ def test_a_folder_without_val_is_refused_naming_the_key(tmp_path: Path, capsys: 
         main(["compare", "--data.root", str(tmp_path), "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "compare --data.root=" in capsys.readouterr().err
+
+
+def test_the_few_shot_protocol_reports_each_k_with_a_95_percent_interval(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = make_image_folder(tmp_path / "images", {"train": 6, "val": 6})
+    main(["compare", "--data.root", str(images), "--strategies", "finetune", "--seeds", "2", "--epochs", "1",
+          "--backbone_lr_mults", "1", "--recipe", f"finetune={recipe(tmp_path, 'finetune')}",
+          "--samples_per_class", "1,3", "--output_dir", str(tmp_path / "out")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["samples_per_class"] == [1, 3] and result["seeds"] == 2
+    for k in ("1", "3"):
+        row = result["strategies"]["finetune"][k]
+        low, high = row["ci95"]
+        assert 0 <= low <= row["accuracy_mean"] <= high <= 1
+    # each seed drew its own k images per class: the runs of k=1 trained on different files
+    logs = sorted((tmp_path / "out" / "k1" / "runs" / "finetune").rglob("config.yaml"))
+    seeds = {yaml.safe_load(p.read_text())["data"]["init_args"]["seed"] for p in logs}
+    assert seeds == {0, 1}
+    assert (tmp_path / "out" / "few_shot.md").is_file() and (tmp_path / "out" / "few_shot.png").is_file()

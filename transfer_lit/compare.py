@@ -2,6 +2,7 @@
 
     transfer-lit compare --data.root images/ [--strategies linear_probe,finetune,progressive] [--seeds 3]
                          [--epochs 5] [--backbone_lr_mults 0.01,0.1,1] [--output_dir outputs/compare] [-- fit args]
+    transfer-lit compare --data.root images/ --samples_per_class 1,5,10,40 ...    # the few-shot protocol
 
 Each strategy runs its shipped recipe (``configs/<strategy>.yaml``, or ``--recipe STRATEGY=FILE``) through
 ``transfer-lit fit`` on one fixed split: ``train/`` trains, ``val/`` selects (the checkpoint of the best
@@ -14,7 +15,9 @@ The pick: the strategy with the highest mean selection accuracy; one within its 
 less wall time wins instead (the cheaper of two equals). Written to ``--output_dir``: ``compare.json`` (held-out
 mean +- std of accuracy, macro F1, AUROC, ECE; wall time), ``compare.md``, ``compare.png`` (with matplotlib) and
 ``best.yaml``, the winning recipe, ready for ``transfer-lit fit --config best.yaml``. The same seeds give the
-same JSON, wall times aside.
+same JSON, wall times aside. With ``--samples_per_class``, the comparison runs at each k (a new draw of k images
+per class for each seed) and ``few_shot.json`` / ``.md`` / ``.png`` give the held-out accuracy per k with its 95%
+interval over seeds (Student's t).
 """
 
 from __future__ import annotations
@@ -143,8 +146,12 @@ def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, 
 
 def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
             backbone_lr_mults: tuple[float, ...] = (0.01, 0.1, 1.0), output_dir: str = "outputs/compare",
-            recipes: dict[str, str] | None = None, extra: list[str] | None = None) -> dict[str, Any]:
-    """Run the comparison (the module's docstring) and return the summary written to ``compare.json``."""
+            recipes: dict[str, str] | None = None, extra: list[str] | None = None,
+            samples_per_class: int | None = None) -> dict[str, Any]:
+    """Run the comparison (the module's docstring) and return the summary written to ``compare.json``.
+
+    ``samples_per_class``: train on that many images per class, drawn anew for each seed (``data.seed``).
+    """
     unknown = [s for s in strategies if s not in RECIPES]
     if unknown:
         raise ValueError(f"compare --strategies: unknown {unknown}; valid: {sorted(RECIPES)}")
@@ -163,7 +170,10 @@ def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
     for strategy in strategies:
         def run(seed: int, mult: float | None, strategy: str = strategy) -> dict[str, float]:
             folder = out / "runs" / strategy / f"mult{mult}" / f"seed{seed}"
-            return fit_and_test(files[strategy], data, folder, seed, epochs, mult, strategy == "scratch", extra or [])
+            shots = [] if samples_per_class is None else ["--data.samples_per_class", str(samples_per_class),
+                                                          "--data.seed", str(seed)]
+            return fit_and_test(files[strategy], data, folder, seed, epochs, mult, strategy == "scratch",
+                                [*(extra or []), *shots])
 
         if strategy in SEARCHED and len(backbone_lr_mults) > 1:
             tried = {m: run(0, m) for m in backbone_lr_mults}
@@ -178,6 +188,50 @@ def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
     return summary
 
 
+#: Student's t quantile 0.975 for n - 1 degrees of freedom (n seeds), for the 95% interval of a mean.
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def few_shot(root: str, ks: list[int], strategies: list[str], seeds: int, output_dir: str,
+             **kwargs: Any) -> dict[str, Any]:
+    """:func:`compare` at each ``samples_per_class`` in ``ks``: held-out accuracy mean and 95% interval per k and
+    strategy (``few_shot.json``, ``few_shot.md``, ``few_shot.png``)."""
+    out = Path(output_dir)
+    curves: dict[str, dict[str, Any]] = {}
+    for k in ks:
+        summary = compare(root, strategies, seeds, output_dir=str(out / f"k{k}"), samples_per_class=k, **kwargs)
+        for name, row in summary["strategies"].items():
+            half = T975.get(row["seeds"], 1.96) * row["accuracy_std"] / row["seeds"] ** 0.5 if row["seeds"] > 1 else 0
+            curves.setdefault(name, {})[str(k)] = {"accuracy_mean": row["accuracy_mean"], "ci95": [
+                round(max(0.0, row["accuracy_mean"] - half), 4), round(min(1.0, row["accuracy_mean"] + half), 4)]}
+    result = {"samples_per_class": ks, "seeds": seeds, "strategies": curves}
+    (out / "few_shot.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{c[str(k)]['accuracy_mean']:.3f} [{c[str(k)]['ci95'][0]:.3f}, "
+                                          f"{c[str(k)]['ci95'][1]:.3f}]" for k in ks) + " |"
+              for name, c in curves.items()]
+    (out / "few_shot.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return result
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        means = [c[str(k)]["accuracy_mean"] for k in ks]
+        ax.plot(ks, means, marker="o", label=name)
+        ax.fill_between(ks, [c[str(k)]["ci95"][0] for k in ks], [c[str(k)]["ci95"][1] for k in ks], alpha=0.2)
+    ax.set(xscale="log", xlabel="training images per class", ylabel="held-out accuracy (95% interval)", ylim=(0, 1),
+           title=f"few-shot, {seeds} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "few_shot.png", dpi=110)
+    plt.close(fig)
+    return result
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """``transfer-lit compare ...``: prints the table and the winning recipe, last line the JSON summary."""
     parser = argparse.ArgumentParser(prog="transfer-lit compare", description=__doc__,
@@ -189,11 +243,19 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--backbone_lr_mults", default="0.01,0.1,1")
     parser.add_argument("--output_dir", default="outputs/compare")
     parser.add_argument("--recipe", action="append", default=[], metavar="STRATEGY=FILE")
+    parser.add_argument("--samples_per_class", default=None, metavar="K[,K...]",
+                        help="few-shot protocol: compare at each k training images per class (e.g. 1,5,10,40)")
     own, extra = parser.parse_known_args(argv)
     recipes = dict(item.split("=", 1) for item in own.recipe)
-    summary = compare(own.root, own.strategies.split(","), own.seeds, own.epochs,
-                      tuple(float(m) for m in own.backbone_lr_mults.split(",")), own.output_dir, recipes,
-                      [a for a in extra if a != "--"])
+    options = {"epochs": own.epochs, "backbone_lr_mults": tuple(float(m) for m in own.backbone_lr_mults.split(",")),
+               "recipes": recipes, "extra": [a for a in extra if a != "--"]}
+    if own.samples_per_class:
+        result = few_shot(own.root, [int(k) for k in own.samples_per_class.split(",")], own.strategies.split(","),
+                          own.seeds, own.output_dir, **options)
+        print((Path(own.output_dir) / "few_shot.md").read_text())
+        print(json.dumps(result))
+        return result
+    summary = compare(own.root, own.strategies.split(","), own.seeds, output_dir=own.output_dir, **options)
     print((Path(own.output_dir) / "compare.md").read_text())
     print(f"winning recipe: {Path(own.output_dir) / 'best.yaml'}")
     print(json.dumps(summary))
