@@ -416,7 +416,7 @@ def test_print_schedule_prints_the_phases_and_yaml_that_fit_accepts_back(images:
         main(["fit", *recipe, "--print_schedule"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "ProgressiveUnfreezing: 3 phases, epoch-driven" in out
+    assert "ProgressiveUnfreezing: 3 phases after the head-only phase 0, epoch-driven" in out
     assert "features.10, features.11, features.12, features.13" in out
     assert not (tmp_path / "runs").exists()  # nothing trained
     dumped = tmp_path / "schedule.yaml"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import make_image_folder
 
-from transfer_lit.cli import main
+from transfer_lit.cli import TransferCLI, main
 from transfer_lit.compare import summarize
 
 DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
@@ -33,7 +33,8 @@ def test_compare_selects_on_validation_and_reports_on_held_out_images(
     args = ["compare", "--data.root", str(images), "--strategies", "linear_probe,finetune", "--seeds", "2",
             "--epochs", "1", "--backbone_lr_mults", "0.1,1",
             "--recipe", f"linear_probe={recipe(tmp_path, 'linear_probe')}",
-            "--recipe", f"finetune={recipe(tmp_path, 'finetune')}"]
+            "--recipe", f"finetune={recipe(tmp_path, 'finetune')}",
+            "--model.preprocessing", "{resize_size: 30, crop_size: 28}"]  # an extra fit argument, for every run
     main([*args, "--output_dir", str(tmp_path / "a")])
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -49,7 +50,16 @@ def test_compare_selects_on_validation_and_reports_on_held_out_images(
         test = {p.name for p in (split / "test" / name).iterdir()}
         assert len(val) == len(test) == 3 and not val & test  # selection and reporting never share an image
     best = yaml.safe_load((tmp_path / "a" / "best.yaml").read_text())
-    assert best["data"]["root"] == str(split) and best["trainer"]["max_epochs"] == 1
+    # the winner's own config: the recipe, the split, the epochs, the multiplier and compare's extra fit arguments
+    assert best["data"]["init_args"]["root"] == str(split) and best["trainer"]["max_epochs"] == 1
+    assert best["model"]["init_args"]["preprocessing"] == {"resize_size": 30, "crop_size": 28}
+    assert best["trainer"]["default_root_dir"] == "outputs/best"
+    assert set(summary["search"]["finetune"]) == {"0.1", "1.0"}
+    assert "transfer-lit compare: run 5/5: finetune" in out
+    cli = TransferCLI(run=False, args=["--config", str(tmp_path / "a" / "best.yaml")])  # a recipe fit accepts
+    pick = summary["strategies"][summary["pick"]]
+    assert cli.model.mode == summary["pick"] and cli.model.preprocessing.crop_size == 28
+    assert pick["backbone_lr_mult"] is None or cli.model.policy.backbone_lr_mult == pick["backbone_lr_mult"]
     assert json.loads((tmp_path / "a" / "compare.json").read_text()) == summary
     assert (tmp_path / "a" / "compare.md").is_file()
 

@@ -227,7 +227,7 @@ def test_the_resolved_phase_table_is_printed_at_start(caplog: pytest.LogCaptureF
     callback = ProgressiveUnfreezing(schedule={1: "block2", 3: {"blocks": "all", "lr_scale": 0.5}})
     with caplog.at_level(logging.INFO):
         trainer(1, [callback]).fit(Scripted(SCRIPT), loader())
-    text = next(r.getMessage() for r in caplog.records if "phases, epoch-driven" in r.getMessage())
+    text = next(r.getMessage() for r in caplog.records if "phase 0, epoch-driven" in r.getMessage())
     lines = text.splitlines()
     assert lines[1].split() == ["phase", "starts", "thaws", "lr", "trainable"]
     assert lines[2].startswith("0") and "nothing (head only)" in lines[2]

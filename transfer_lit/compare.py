@@ -102,7 +102,9 @@ def summarize(runs: dict[str, list[dict[str, float]]], mults: dict[str, float | 
     equals = [s for s, r in strategies.items()
               if top["selection_acc_mean"] - r["selection_acc_mean"] <= top["selection_acc_std"]]
     pick = min(equals, key=lambda s: strategies[s]["wall_s"])
-    return {"pick": pick, "rule": "highest mean selection accuracy; within its std, the least wall time",
+    why = ("the highest mean selection accuracy" if pick == best else
+           f"within the std of {best}'s mean selection accuracy, and less wall time")
+    return {"pick": pick, "why": why, "rule": "highest mean selection accuracy; within its std, the least wall time",
             "strategies": strategies}
 
 
@@ -110,18 +112,25 @@ def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, 
     """compare.json / .md / .png and best.yaml."""
     (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
     head = "| strategy | held-out acc | macro F1 | AUROC | ECE | selection acc | backbone LR mult | wall s |"
-    lines = [f"# compare: pick **{summary['pick']}** ({summary['rule']})", "", head, "|---" * 8 + "|"]
+    lines = [f"# compare: pick **{summary['pick']}** ({summary['why']})", "", head, "|---" * 8 + "|"]
     for name, r in summary["strategies"].items():
         lines.append(f"| {name} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r.get('f1_mean', 0):.4f} | "
                      f"{r.get('auroc_mean', 0):.4f} | {r.get('ece_mean', 0):.4f} | {r['selection_acc_mean']:.4f} | "
                      f"{r['backbone_lr_mult']} | {r['wall_s']} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
-    config = yaml.safe_load(recipe.read_text())
     pick = summary["strategies"][summary["pick"]]
-    config.setdefault("data", {})["root"] = str(root)
-    config.setdefault("trainer", {})["max_epochs"] = epochs
-    if pick["backbone_lr_mult"] is not None:
-        config.setdefault("model", {})["backbone_lr_mult"] = pick["backbone_lr_mult"]
+    # The winner's own config.yaml (seed 0): every fit argument given to compare is in it, not only the recipe's.
+    saved = sorted((out / "runs" / summary["pick"] / f"mult{pick['backbone_lr_mult']}" / "seed0").rglob("config.yaml"))
+    config = yaml.safe_load((saved[0] if saved else recipe).read_text())
+    if not saved:
+        config.setdefault("data", {})["root"] = str(root)
+        config.setdefault("trainer", {})["max_epochs"] = epochs
+        if pick["backbone_lr_mult"] is not None:
+            config.setdefault("model", {})["backbone_lr_mult"] = pick["backbone_lr_mult"]
+    config.setdefault("trainer", {})["default_root_dir"] = "outputs/best"
+    # The recipe part only (not fit's own ckpt_path / weights_only, nor the unset top-level optimizer): a file for
+    # `fit --config` and for TransferCLI(run=False) alike.
+    config = {k: config[k] for k in ("seed_everything", "trainer", "model", "data") if k in config}
     header = f"# The pick of transfer-lit compare ({summary['pick']}): transfer-lit fit --config best.yaml\n"
     (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
     try:
@@ -167,23 +176,31 @@ def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
     data = held_out_split(Path(root), out / "split", seed=0)
     runs: dict[str, list[dict[str, float]]] = {}
     mults: dict[str, float | None] = {}
+    search: dict[str, dict[str, float]] = {}
+    searching = len(backbone_lr_mults) > 1
+    total = sum(len(backbone_lr_mults) + seeds - 1 if s in SEARCHED and searching else seeds for s in strategies)
+    done = [0]
     for strategy in strategies:
         def run(seed: int, mult: float | None, strategy: str = strategy) -> dict[str, float]:
+            done[0] += 1
+            print(f"transfer-lit compare: run {done[0]}/{total}: {strategy}, backbone_lr_mult {mult}, seed {seed}",
+                  flush=True)
             folder = out / "runs" / strategy / f"mult{mult}" / f"seed{seed}"
             shots = [] if samples_per_class is None else ["--data.samples_per_class", str(samples_per_class),
                                                           "--data.seed", str(seed)]
             return fit_and_test(files[strategy], data, folder, seed, epochs, mult, strategy == "scratch",
                                 [*(extra or []), *shots])
 
-        if strategy in SEARCHED and len(backbone_lr_mults) > 1:
+        if strategy in SEARCHED and searching:
             tried = {m: run(0, m) for m in backbone_lr_mults}
+            search[strategy] = {str(m): r["selection_acc"] for m, r in tried.items()}
             chosen = max(tried, key=lambda m: tried[m]["selection_acc"])
             mults[strategy] = chosen
             runs[strategy] = [tried[chosen]] + [run(s, chosen) for s in range(1, seeds)]
         else:
             mults[strategy] = backbone_lr_mults[0] if strategy in SEARCHED else None
             runs[strategy] = [run(s, mults[strategy]) for s in range(seeds)]
-    summary = summarize(runs, mults)
+    summary = {**summarize(runs, mults), "search": search}  # selection accuracy of each multiplier (seed 0)
     write_outputs(summary, out, files[summary["pick"]], data, epochs)
     return summary
 

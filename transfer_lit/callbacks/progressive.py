@@ -190,7 +190,7 @@ class ProgressiveUnfreezing(Callback):
             counts.append(self.trainable_params(frozen, module.bn_policy))
         rule = (f"metric-driven: a phase ends when {self.monitor} stops improving for "
                 f"{self.transitions.plateau.patience} validation run(s)" if self.transitions else "epoch-driven")
-        return (f"ProgressiveUnfreezing: {len(self.phases)} phases, {rule}\n"
+        return (f"ProgressiveUnfreezing: {len(self.phases)} phases after the head-only phase 0, {rule}\n"
                 + phase_table(self.phases, counts, self._counts.total, self.monitor))
 
     @override

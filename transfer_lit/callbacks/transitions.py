@@ -104,7 +104,7 @@ class MetricTransitions:
             since = epoch + 1 - (starts[-1] if starts else 0)
             capped = self.last_phase_epochs is not None and since >= self.last_phase_epochs
             if self.plateau.plateaued or capped:
-                why = f"{monitor} stopped improving" if self.plateau.plateaued else f"it ran {since} epochs"
+                why = f"{monitor} stopped improving" if self.plateau.plateaued else f"it ran {since} epoch(s)"
                 rank_zero_info(f"ProgressiveUnfreezing: the last phase ended ({why}): training stops")
                 trainer.should_stop = True
         elif self.plateau.plateaued:

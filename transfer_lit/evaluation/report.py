@@ -78,7 +78,9 @@ def write_tables(predictions: Predictions, folder: Path, stage: str, summary: di
         writer.writerow(["true \\ predicted", *names])
         for i, name in enumerate(names):
             writer.writerow([name, *confusion[i].tolist()])
-    lines = [f"# {stage} report", "", ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), "",
+    decided = ("Decided with the checkpoint's temperature and threshold (`model.calibration`, `model.threshold`); "
+               "the logged `val_*` metrics are the raw model's." if "temperature" in summary else "")
+    lines = [f"# {stage} report", "", ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), "", decided,
              "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {precision[i]:.4f} | {recall[i]:.4f} | {f1[i]:.4f} | {int(support[i])} |"
               for i, n in enumerate(names)]
