@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -32,26 +31,10 @@ from lightning.pytorch import Trainer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from transfer_lit import ImageDataModule, TorchvisionBackbone, TransferModule  # noqa: E402
+from transfer_lit.compare import held_out_split  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 DATASETS = {"hymenoptera": SHARED / "hymenoptera_256", "chest_xray": SHARED / "chest_xray_pneumonia"}
-IMAGES = {".jpg", ".jpeg", ".png"}
-
-
-def split_validation(source: Path, folder: Path, seed: int) -> Path:
-    """``folder/{train,val,test}/<class>``: train linked as it is, the source's val cut in two stratified halves."""
-    (folder / "train").symlink_to(source / "train")
-    rng = random.Random(seed)
-    for class_dir in sorted(p for p in (source / "val").iterdir() if p.is_dir()):
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGES)
-        rng.shuffle(files)
-        half = len(files) // 2
-        for split, chosen in (("val", files[:half]), ("test", files[half:])):
-            target = folder / split / class_dir.name
-            target.mkdir(parents=True)
-            for file in chosen:
-                (target / file.name).symlink_to(file)
-    return folder
 
 
 def test_values(trainer: Trainer, model: TransferModule, data: ImageDataModule) -> dict[str, float]:
@@ -62,7 +45,7 @@ def test_values(trainer: Trainer, model: TransferModule, data: ImageDataModule) 
 def run(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
-        root = split_validation(DATASETS[dataset], Path(tmp), args.seed)
+        root = held_out_split(DATASETS[dataset], Path(tmp) / "split", args.seed)  # compare's own split
         data = ImageDataModule(root=str(root), batch_size=32, num_workers=args.num_workers, seed=args.seed)
         backbone = TorchvisionBackbone("mobilenet_v2", "IMAGENET1K_V1")
         crop = args.crop

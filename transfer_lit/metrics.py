@@ -178,14 +178,13 @@ class StageMetrics(nn.Module):
         self.test_metrics = build_metrics(task, num_classes, "test")
         self.test_confusion = build_confusion_matrix(task, num_classes)
         self.val_store, self.test_store = PredictionStore(), PredictionStore()  # logits, for fits and curves
-        self.store_val = True
         self.threshold = 0.5
 
     def update(self, stage: str, probs: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None) -> None:
-        """Add one batch's probabilities and targets to ``stage``'s metrics (and its ``logits`` to the test store,
-        and to the validation one when ``store_val``)."""
+        """Add one batch's probabilities and targets to ``stage``'s metrics (and its ``logits`` to the validation or
+        test store)."""
         getattr(self, f"{stage}_metrics").update(probs, target)
-        if logits is not None and (stage == "test" or (stage == "val" and self.store_val)):
+        if logits is not None and stage in ("val", "test"):
             getattr(self, f"{stage}_store").update(logits, target)
         if stage == "test":
             self.test_confusion.update(probs if self.task != "binary" else (probs >= self.threshold).long(), target)

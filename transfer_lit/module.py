@@ -212,8 +212,9 @@ class TransferModule(LightningModule):
             return None
         logits = self.batch_logits(batch)
         loss = self.loss(logits, batch[1])
-        scored = self.decision.scale(logits.detach()) if stage == "test" else logits.detach()  # val: raw, to fit on
-        self.metrics.update(stage, self.probabilities(scored), batch[1], logits.detach())
+        detached = logits.detach()
+        scored = self.decision.scale(detached) if stage == "test" else detached  # val: raw, what the decision fits
+        self.metrics.update(stage, self.probabilities(scored), batch[1], detached)
         # Lightning reads every progress-bar value on the host after each step: not the step loss when sync-free.
         prog_bar = stage != "train" or not self._sync_free()
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=prog_bar,

@@ -91,8 +91,9 @@ def build_param_groups(backbone: Backbone, head: nn.Module, policy: LearningRate
     groups: list[dict[str, Any]] = []
     declared = backbone.no_weight_decay_names()
     for block, named in blocks.items():
-        bn = {id(p) for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False)}
-        if bn_policy == "train_bn" and bn:
+        bn = ({id(p) for m in batchnorms(backbone.block_modules(block)) for p in m.parameters(recurse=False)}
+              if bn_policy == "train_bn" else set())
+        if bn:
             groups.append({"name": f"backbone.{block}.bn", "params": [p for _, p in named if id(p) in bn],
                            "lr": lrs[block], "weight_decay": 0.0, "block": f"backbone.{block}", "gate": 1.0,
                            "ungated": True})

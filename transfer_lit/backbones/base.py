@@ -39,10 +39,10 @@ from torch import nn
 from transfer_lit.preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 
 BlockSpec = tuple[str, tuple[str, ...]]
+"""A block's name and the qualified-name prefixes (relative to the backbone) of what it holds."""
 
 #: A schedule entry ``re:<regex>`` names the block :meth:`Backbone.carve` makes of the parameters matching it.
 REGEX_PREFIX = "re:"
-"""A block's name and the qualified-name prefixes (relative to the backbone) of what it holds."""
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -186,10 +186,10 @@ class Backbone(nn.Module):
             raise KeyError(f"unknown block {block!r}; valid blocks are {self.block_names()}")
 
         def owner(name: str, module: nn.Module) -> str | None:
-            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
-            hits = {c for c, rx in carved.items() for p in own if rx.fullmatch(p)}
-            if own and len(hits) == 1 and all(any(carved[c].fullmatch(p) for c in hits) for p in own):
-                return hits.pop()
+            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)] if carved else []
+            for block_name, rx in carved.items():  # a module whose own parameters all went to one carved block
+                if own and all(rx.fullmatch(p) for p in own):
+                    return block_name
             return next((b for b, prefixes in specs.items() if any(_matches(name, p) for p in prefixes)), None)
 
         return [m for name, m in self.named_modules() if name and owner(name, m) == block]

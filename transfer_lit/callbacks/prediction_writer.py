@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from transfer_lit.checkpoints.io import temp_path
 from transfer_lit.errors import storage_error
+from transfer_lit.evaluation.calibration import per_class
 from transfer_lit.protocols import Classifier
 
 
@@ -64,7 +65,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         if probs.ndim == 1:  # binary: probability of class 1, class 1 at or above the module's decision threshold
             threshold = float(getattr(getattr(pl_module, "decision", None), "threshold", 0.5))
             index = (probs >= threshold).long()
-            probs = torch.stack([1 - probs, probs], dim=1)
+            probs = per_class(probs)
             confidence = probs.gather(1, index[:, None]).squeeze(1)
         else:
             confidence, index = probs.max(dim=1)

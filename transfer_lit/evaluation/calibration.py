@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 
+def per_class(probs: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` probabilities as they are; a binary task's ``(N,)`` P(class 1) as ``(N, 2)`` ``[P(0), P(1)]``."""
+    return torch.stack([1 - probs, probs], dim=1) if probs.ndim == 1 else probs
+
+
 def confidences(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence and predicted class of each row: ``(N, C)`` probabilities, or ``(N,)`` of class 1 (binary)."""
-    if probs.ndim == 1:
-        probs = torch.stack([1 - probs, probs], dim=1)
-    return probs.max(dim=1)
+    return per_class(probs).max(dim=1)
 
 
 def reliability_bins(probs: torch.Tensor, target: torch.Tensor, bins: int = 15

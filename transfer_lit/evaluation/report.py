@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from transfer_lit.evaluation.calibration import expected_calibration_error
+from transfer_lit.evaluation.calibration import expected_calibration_error, per_class
+from transfer_lit.evaluation.thresholds import ranked_counts
 from transfer_lit.metrics import class_rates
 
 PLOTS_HINT = "pip install 'transfer-lit[plots]' (matplotlib) to get the PNG plots as well"
@@ -31,11 +32,8 @@ class Predictions:
                            threshold: float = 0.5) -> Predictions:
         """Binary ``probs`` of shape ``(N,)`` are decided at ``threshold``; multiclass by the largest probability."""
         probs, target = probs.detach().double().cpu(), target.detach().cpu().long()
-        if probs.ndim == 1:
-            predicted = (probs >= threshold).long()
-            probs = torch.stack([1 - probs, probs], dim=1)
-        else:
-            predicted = probs.argmax(1)
+        predicted = (probs >= threshold).long() if probs.ndim == 1 else probs.argmax(1)
+        probs = per_class(probs)
         return cls(probs, predicted, target, list(class_names)[: probs.shape[1]])
 
     def confusion(self) -> torch.Tensor:
@@ -47,13 +45,10 @@ class Predictions:
 def curve(scores: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-vs-rest ROC and PR points of ``scores`` for the boolean ``positive``: (fpr, tpr, precision); recall = tpr.
     Points are cut between distinct scores, from the highest."""
-    order = scores.argsort(descending=True)
-    hits = positive[order].double()
-    tp, fp = hits.cumsum(0), (1 - hits).cumsum(0)
-    distinct = torch.ones_like(hits, dtype=torch.bool)
-    distinct[:-1] = scores[order][:-1] != scores[order][1:]
-    tp, fp = tp[distinct], fp[distinct]
-    tpr, fpr = tp / max(1.0, float(hits.sum())), fp / max(1.0, float((1 - hits).sum()))
+    _, tp, k, distinct = ranked_counts(scores, positive)
+    tp, fp = tp[distinct], (k - tp)[distinct]
+    positives = float(positive.sum())
+    tpr, fpr = tp / max(1.0, positives), fp / max(1.0, len(positive) - positives)
     zero = torch.zeros(1, dtype=torch.float64)
     return torch.cat([zero, fpr]), torch.cat([zero, tpr]), torch.cat([torch.ones(1, dtype=torch.float64),
                                                                        tp / (tp + fp)])

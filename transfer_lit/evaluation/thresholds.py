@@ -35,6 +35,19 @@ def parse_threshold_rule(rule: float | str) -> tuple[str, float]:
     raise ValueError(f"model.threshold must be {valid}, got {rule!r}")
 
 
+def ranked_counts(scores: torch.Tensor, positive: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores from the highest, with the true positives and the count of predicted positives when the top
+    ``k + 1`` are called positive, and where a cut may fall (the last of equal scores)."""
+    order = scores.argsort(descending=True)
+    ranked = scores[order]
+    tp = positive[order].double().cumsum(0)
+    k = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    last = torch.ones_like(ranked, dtype=torch.bool)
+    last[:-1] = ranked[:-1] != ranked[1:]
+    return ranked, tp, k, last
+
+
 def choose_threshold(probs: torch.Tensor, target: torch.Tensor, rule: str, value: float) -> float:
     """The threshold on ``probs`` (probability of class 1) that ``rule`` asks for on these predictions.
 
@@ -49,13 +62,8 @@ def choose_threshold(probs: torch.Tensor, target: torch.Tensor, rule: str, value
     positives = int(target.sum())
     if positives == 0 or positives == len(target):
         return 0.5
-    order = probs.argsort(descending=True)
-    sorted_probs, hits = probs[order], target[order].double()
-    tp = hits.cumsum(0)  # predicting the top k+1 samples positive
-    k = torch.arange(1, len(probs) + 1, dtype=torch.float64)
+    sorted_probs, tp, k, last = ranked_counts(probs, target == 1)  # only cut between distinct probabilities
     precision, recall = tp / k, tp / positives
-    last = torch.ones_like(sorted_probs, dtype=torch.bool)  # only cut between distinct probabilities
-    last[:-1] = sorted_probs[:-1] != sorted_probs[1:]
     below = torch.cat([sorted_probs[1:], sorted_probs.new_zeros(1)])
     cuts = (sorted_probs + below) / 2  # halfway to the next probability: `p > t` and `p >= t` agree
     if rule == "max_f1":
