@@ -7,13 +7,14 @@ import random
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_lit.data.decode import (
     BAD_IMAGE_POLICIES,
     IMAGE_EXTENSIONS,
     BadImageError,
+    jpeg_damage,
     load_image,
     scan_images,
 )
@@ -62,6 +63,52 @@ def test_truncated_jpeg_is_bad(tmp_path: Path) -> None:
     with pytest.raises(BadImageError, match="truncated") as info:
         load_image(path)
     assert info.value.path == str(path)
+
+
+def _cut_at_half_with_end_marker(data: bytes, keep_tail: bool) -> bytes:
+    """An end-of-image marker in the middle of the scan data: the file ends there (keep_tail False), or the
+    rest follows it (a marker spliced in)."""
+    half = data.find(b"\xff\xda") + (len(data) - data.find(b"\xff\xda")) // 2
+    return data[:half] + b"\xff\xd9" + (data[half:] if keep_tail else b"")
+
+
+@pytest.mark.parametrize("keep_tail", [False, True])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_with_an_early_end_marker_is_bad(tmp_path: Path, keep_tail: bool, progressive: bool) -> None:
+    # Pillow decodes these without an error: the rows after the marker come out flat gray (baseline) or coarse.
+    full = tmp_path / "full.jpg"
+    rng = random.Random(0)
+    Image.frombytes("RGB", (96, 96), rng.randbytes(96 * 96 * 3)).save(full, "JPEG", quality=90, progressive=progressive)
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(_cut_at_half_with_end_marker(full.read_bytes(), keep_tail))
+    with Image.open(path) as img:
+        img.load()  # what the loader did before: no error, no warning
+    with pytest.raises(BadImageError, match=r"damaged JPEG data \(Corrupt JPEG data: premature end of data segment\)"):
+        load_image(path)
+    assert [error.path for error in scan_images([full, path, full])] == [str(path)]
+    assert jpeg_damage(full.read_bytes()) is None
+
+
+def test_jpeg_with_garbled_scan_data_is_bad(tmp_path: Path) -> None:
+    data = bytearray(_noise_jpeg(tmp_path / "ok.jpg").read_bytes())
+    start = data.find(b"\xff\xda") + 20
+    data[start:start + 400] = bytes(400)  # zeroed sectors, as a damaged disk or download leaves them
+    path = tmp_path / "zeroed.jpg"
+    path.write_bytes(bytes(data))
+    damage = jpeg_damage(bytes(data))
+    assert damage is not None and "Corrupt JPEG data" in damage
+    with pytest.raises(BadImageError, match="damaged JPEG data"):
+        load_image(path)
+
+
+def test_harmless_jpeg_warnings_pass(tmp_path: Path) -> None:
+    # Extra bytes before the end marker (some cameras and editors write them): libjpeg warns, the pixels are whole.
+    good = _noise_jpeg(tmp_path / "ok.jpg")
+    data = good.read_bytes()
+    path = tmp_path / "extra.jpg"
+    path.write_bytes(data[:-2] + b"\x00\x01\x02" + data[-2:])
+    assert list(load_image(path).getdata()) == list(load_image(good).getdata())
+    assert jpeg_damage(path.read_bytes()) is None
 
 
 @pytest.mark.parametrize(
@@ -205,6 +252,28 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert loaded.size == (20, 40)
     assert _close(loaded.getpixel((10, 5)), (255, 0, 0))  # the left half is now on top
     assert _close(loaded.getpixel((10, 35)), (0, 0, 255))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(("mode", "subsampling"), [("RGB", 0), ("RGB", 2), ("L", 0)])
+@pytest.mark.parametrize("min_side", [None, 9, 20, 40])
+def test_jpeg_pixels_are_pillows_own(tmp_path: Path, orientation: int, mode: str, subsampling: int,
+                                     min_side: int | None) -> None:
+    # libjpeg-turbo through simplejpeg (which also checks the data) must give what Pillow gives: every EXIF
+    # orientation, chroma subsampling, grayscale, each DCT scale of draft (odd sizes: 1/2 .. 1/8 round up).
+    rng = random.Random(orientation)
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = Image.frombytes("RGB", (83, 61), rng.randbytes(83 * 61 * 3)).convert(mode)
+    image.save(path, "JPEG", quality=85, subsampling=subsampling, exif=exif)
+    with Image.open(path) as img:
+        if min_side is not None and min(img.size) >= 2 * min_side:
+            scale = min_side / min(img.size)
+            img.draft(img.mode, (-(-img.size[0] * scale // 1), -(-img.size[1] * scale // 1)))
+        expected = ImageOps.exif_transpose(img).convert("RGB")
+    loaded = load_image(path, min_side=min_side)
+    assert loaded.size == expected.size and loaded.tobytes() == expected.tobytes()
 
 
 def test_too_many_pixels(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,22 @@ def test_bad_image_error_names_the_file(image_folder: Path) -> None:
     with pytest.raises(BadImageError, match=r"broken\.jpg") as info:
         next(iter(dm.val_dataloader()))
     assert info.value.path == str(bad)
+
+
+def test_jpeg_damaged_mid_stream_is_refused_by_the_loader_and_the_scan(image_folder: Path) -> None:
+    path = image_folder / "train" / "red" / "damaged.jpg"
+    Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3)).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3] + b"\xff\xd9")  # the end marker written early: no Pillow error
+    dm = ImageDataModule(root=str(image_folder), batch_size=64, num_workers=0, preprocessing=SMALL)
+    dm.setup("fit")
+    with pytest.raises(BadImageError, match="damaged JPEG data") as info:
+        next(iter(dm.train_dataloader()))
+    assert info.value.path == str(path)
+    dm = ImageDataModule(root=str(image_folder), scan=True, num_workers=0, preprocessing=SMALL)
+    with pytest.raises(BadImageError, match=r"1 unreadable image\(s\)") as info:
+        dm.setup("fit")
+    assert str(path) in str(info.value) and "premature end of data segment" in str(info.value)
 
 
 def test_bad_image_skip_drops_it(image_folder: Path) -> None:

@@ -8,12 +8,16 @@ reports every bad file at once; :class:`ImageDataset` serves ``(image, label)`` 
 
 Truncated files are detected through Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``;
 this module never changes that flag (nor ``Image.MAX_IMAGE_PIXELS``), so if your own code sets it
-to True, truncated files are padded with gray by Pillow and pass.
+to True, truncated files are padded with gray by Pillow and pass. A JPEG whose image data stop early
+(an end-of-image marker mid-scan: Pillow decodes the rest as flat gray without a word) or hold
+undecodable entropy-coded data is refused: YCbCr and grayscale JPEGs are decoded by libjpeg-turbo with
+its warnings as errors, to the pixels Pillow gives (:mod:`transfer_lit.data.jpeg`); other JPEGs are
+decoded by Pillow and checked that way.
 """
 
 from __future__ import annotations
 
-import math
+import io
 import os
 import struct
 import warnings
@@ -25,6 +29,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from transfer_lit.data.jpeg import JPEGDamage, decode_jpeg, draft_factor, draft_size, jpeg_damage
+
 __all__ = [
     "BAD_IMAGE_POLICIES",
     "IMAGE_EXTENSIONS",
@@ -33,6 +39,7 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "collate_skipping_bad",
+    "jpeg_damage",
     "load_image",
     "scan_images",
 ]
@@ -50,6 +57,10 @@ DEFAULT_MAX_PIXELS = 178_956_970
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose applies it).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # What Pillow raises for damaged files: decoders raise OSError/SyntaxError/ValueError, some
 # plugins also EOFError or struct.error on short headers. UnidentifiedImageError is an OSError.
@@ -143,7 +154,9 @@ def _check_max_pixels(max_pixels: int) -> None:
 
 def _load(path: str, max_pixels: int, min_side: int | None = None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as file:
+            data = file.read()
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise BadImageError(
@@ -151,12 +164,20 @@ def _load(path: str, max_pixels: int, min_side: int | None = None) -> Image.Imag
                     f"{width}x{height} = {width * height} pixels is more than the limit of {max_pixels}; "
                     "pass a larger max_pixels to read it",
                 )
-            if min_side is not None and img.format == "JPEG" and min(width, height) >= 2 * min_side:
-                # Pillow picks the smallest DCT scale whose size is >= the one asked for, in both dimensions.
-                scale = min_side / min(width, height)
-                img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-            img.load()
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies the image even when upright
+            # Pillow picks the smallest DCT scale whose size is >= the one asked for, in both dimensions.
+            draft = draft_size(width, height, min_side) if img.format == "JPEG" else None
+            decoded = decode_jpeg(data, draft_factor(width, height, draft)) if img.format in ("JPEG", "MPO") else None
+            if decoded is None:
+                if draft is not None:
+                    img.draft(img.mode, draft)
+                img.load()
+                damage = jpeg_damage(data) if img.format in ("JPEG", "MPO") else None
+                if damage is not None:
+                    raise JPEGDamage(damage)
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            if decoded is not None:
+                return decoded.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else decoded
+            if orientation != 1:  # exif_transpose copies the image even when upright
                 img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except UnidentifiedImageError:
@@ -169,6 +190,9 @@ def _load(path: str, max_pixels: int, min_side: int | None = None) -> Image.Imag
         ) from error
     except BadImageError:
         raise
+    except JPEGDamage as damage:
+        raise BadImageError(path, f"damaged JPEG data ({damage}): part of the picture would be decoded as flat gray "
+                                  "or noise") from None
     except _DECODE_ERRORS as error:
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
 
