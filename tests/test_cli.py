@@ -408,6 +408,19 @@ def test_what_is_shown_as_the_optimizer_lr_is_what_the_head_trained_at(images: P
     assert "model.optimizer.init_args.lr=0.3 is not used: every parameter group gets its own learning rate" in message
 
 
+def test_print_config_shows_the_lr_the_head_trains_at(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(DEBUG.parent / "finetune.yaml"), "--model.lr", "0.005", "--print_config"])
+    assert stop.value.code in (0, None)
+    shown = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert shown["lr"] == 0.005 and shown["optimizer"]["init_args"]["lr"] == 0.005  # not AdamW's default 0.001
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])  # an incomplete configuration still prints, as jsonargparse does
+    assert "trainer:" in capsys.readouterr().out
+
+
 def test_print_schedule_prints_the_phases_and_yaml_that_fit_accepts_back(images: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     recipe = ["--config", str(DEBUG.with_name("progressive.yaml")), "--model.backbone.init_args.weights", "null",

@@ -33,7 +33,7 @@ from transfer_lit.checkpoints import (
     resume_command,
     with_checkpoint_model,
 )
-from transfer_lit.cli_config import show_the_head_lr
+from transfer_lit.cli_config import parse_as_run, show_the_head_lr
 from transfer_lit.compare import main as compare_main
 from transfer_lit.console import quiet_lightning
 from transfer_lit.errors import unwrapped, user_error_message
@@ -107,8 +107,8 @@ class TransferCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = with_logger_save_dir(list(sys.argv[1:] if args is None else args))
         check_config_files(argv)
-        self.config = parser.parse_args(with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None,
-                                                              self.subclass_mode_model))
+        self.config = parse_as_run(parser, with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None,
+                                                                 self.subclass_mode_model))
 
     @override
     def _parse_ckpt_path(self) -> None:

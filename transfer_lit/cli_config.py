@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 from typing import Any
+from unittest import mock
 
 
 def show_the_head_lr(model: Any) -> None:
@@ -25,3 +27,24 @@ def show_the_head_lr(model: Any) -> None:
                          f"its own learning rate; set model.lr (the head's, now {model['lr']}), "
                          f"model.backbone_lr_mult and model.layer_decay instead")
     init_args["lr"] = model["lr"]
+
+
+def parse_as_run(parser: Any, argv: list[str]) -> Any:
+    """``parser.parse_args(argv)``, with ``--print_config`` printing the configuration as it will run: the optimizer's
+    ``lr`` is the head's (:func:`show_the_head_lr`), not the optimizer class's default. jsonargparse prints from
+    ``_ActionPrintConfig.print_config_if_requested`` part-way through parsing (an incomplete recipe still prints);
+    the model section is rewritten just before it."""
+    from jsonargparse._actions import _ActionPrintConfig
+
+    print_config = _ActionPrintConfig.print_config_if_requested
+
+    def print_as_run(printing_parser: Any, config: Any) -> None:
+        if hasattr(printing_parser, "print_config"):
+            with contextlib.suppress(AttributeError, KeyError, TypeError):
+                section = config[config["subcommand"]] if config.get("subcommand") else config
+                model = section["model"]
+                show_the_head_lr(model["init_args"] if model.get("class_path") else model)
+        print_config(printing_parser, config)
+
+    with mock.patch.object(_ActionPrintConfig, "print_config_if_requested", staticmethod(print_as_run)):
+        return parser.parse_args(argv)
