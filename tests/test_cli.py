@@ -146,9 +146,16 @@ def test_invalid_choice_is_rejected_by_the_parser(images: Path, capsys: pytest.C
         main(["fit", "--config", str(DEBUG), "--data.root", str(images), "--model.mode", "frozen"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    # LightningCLI in subclass mode names the key in two steps: "model", then its "mode".
-    assert "Traceback" not in err and 'Parser key "model"' in err and 'Parser key "mode"' in err
-    assert "Expected a typing.Literal['linear_probe', 'finetune', 'progressive']. Got value: frozen" in err
+    # One line with the whole key, the value and the valid ones (jsonargparse nests it under "model", then "mode").
+    assert err.splitlines()[0] == ("transfer-lit fit: error: model.mode: got 'frozen'; valid: 'linear_probe', "
+                                   "'finetune', 'progressive'")
+    assert "Traceback" not in err and "usage:" not in err and len(err.splitlines()) == 2
+    for args, line in ([["--model.lr", "fast"], "model.lr: Expected a <class 'float'>. Got value: fast"],
+                       [["--model.backbone.init_args.nam", "x"], "model.backbone.nam: no such option"],
+                       [["--trainer.max_epochs", "x"], "trainer.max_epochs: Expected a <class 'int'>"]):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(DEBUG), "--data.root", str(images), *args])
+        assert capsys.readouterr().err.startswith(f"transfer-lit fit: error: {line}")
 
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:

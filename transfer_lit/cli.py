@@ -33,7 +33,7 @@ from transfer_lit.checkpoints import (
     resume_command,
     with_checkpoint_model,
 )
-from transfer_lit.cli_config import parse_as_run, show_the_head_lr
+from transfer_lit.cli_config import TransferArgumentParser, parse_as_run, show_the_head_lr
 from transfer_lit.compare import main as compare_main
 from transfer_lit.console import quiet_lightning
 from transfer_lit.errors import unwrapped, user_error_message
@@ -82,6 +82,7 @@ class TransferCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        kwargs.setdefault("parser_class", TransferArgumentParser)
         super().__init__(model_class, datamodule_class, **kwargs)
 
     @staticmethod

@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from typing import Any
+import re
+import sys
+from typing import Any, NoReturn
 from unittest import mock
+
+from jsonargparse._common import debug_mode_active
+from lightning.pytorch.cli import LightningArgumentParser
 
 
 def show_the_head_lr(model: Any) -> None:
@@ -48,3 +53,47 @@ def parse_as_run(parser: Any, argv: list[str]) -> Any:
 
     with mock.patch.object(_ActionPrintConfig, "print_config_if_requested", staticmethod(print_as_run)):
         return parser.parse_args(argv)
+
+
+_KEY = re.compile(r'^(?:- )?(?:Problem with given class_path [^:]*:\s*)?Parser key "([^"]+)":\s*(.*)$')
+_UNKNOWN = re.compile(r"Option '([^']+)' is not accepted")
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
+
+
+def plain_parse_error(message: str) -> str:
+    """jsonargparse's nested report on a bad value in one line: the full key, what was given and what is valid.
+
+    ``Parser key "model": Does not validate against any of the Union subtypes ... Parser key "mode": Expected a
+    typing.Literal['linear_probe', 'finetune', 'progressive']. Got value: finetuned`` becomes ``model.mode: got
+    'finetuned'; valid: 'linear_probe', 'finetune', 'progressive'``. Messages of another shape are kept."""
+    path: list[tuple[int, str]] = []
+    found: tuple[int, str] | None = None
+    for line in message.splitlines():
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        while path and path[-1][0] >= indent:
+            path.pop()
+        key = _KEY.match(text)
+        if key is not None:
+            path.append((indent, key.group(1)))
+            text = key.group(2)
+        option = _UNKNOWN.search(text)
+        if option is not None:
+            text, path = "no such option", [*path, (indent, option.group(1))]
+        if ("Expected a" in text and "NoneType" not in text) or "Got value" in text or option is not None:
+            literal = _LITERAL.search(text)
+            detail = f"got {literal.group(2)!r}; valid: {literal.group(1)}" if literal else text.lstrip("- ")
+            if found is None or len(path) > found[0]:
+                found = (len(path), ".".join(k for _, k in path) + ": " + detail)
+    return found[1] if found is not None and found[0] > 0 else message
+
+
+class TransferArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, with a bad value reported in one line (:func:`plain_parse_error`) instead of the usage
+    synopsis and jsonargparse's nested report (``JSONARGPARSE_DEBUG=true`` in the environment shows that)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        prog = " ".join(["transfer-lit", *self.prog.replace(" [options]", "").split()[1:]])  # not __main__.py
+        sys.stderr.write(f"{prog}: error: {plain_parse_error(message)}\n(`{prog} --help` lists the options)\n")
+        self.exit(2)
