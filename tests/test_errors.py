@@ -285,6 +285,22 @@ def test_resuming_with_another_backbone_or_head(change: str, trained: tuple[Path
         assert "Set model.backbone as in the run that wrote it" in message
 
 
+@pytest.mark.parametrize("command", ["validate", "test", "fit"])
+def test_an_explicit_backbone_unlike_the_checkpoint_files_is_refused(command: str, trained: tuple[Path, Path],
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # A checkpoint *file* puts its own model first on the command line; an explicit --model.backbone after it wins
+    # and must not be silently swapped for the checkpoint's, nor load the checkpoint's tensors into the wrong one.
+    images, run = trained
+    checkpoint = next(run.rglob("last.ckpt"))
+    args = fit_args(images, tmp_path, "--ckpt_path", str(checkpoint), "--model.backbone",
+                    "cli_tiny_backbone.OtherCLIBackbone", "--trainer.max_epochs", "2")
+    message = cli_error([command, *args[1:]], capsys)
+    assert message.startswith("the checkpoint holds another backbone: it was trained with model.backbone="
+                              "cli_tiny_backbone.TinyCLIBackbone(width=4, delay=0.0), this run has model.backbone="
+                              "cli_tiny_backbone.OtherCLIBackbone")
+
+
 def test_python_api_gets_the_same_message_instead_of_a_key_dump(trained: tuple[Path, Path]) -> None:
     images, run = trained
     model = TransferModule(OtherCLIBackbone(), num_classes=3)
