@@ -4,16 +4,23 @@ and a failed predict leaves no header-only or truncated file behind."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TinyBackbone
+from conftest import TinyBackbone, make_image_folder
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_lit import CSVPredictionWriter, TransferModule
+
+TESTS = Path(__file__).resolve().parent
 
 
 class Named(Dataset):
@@ -74,3 +81,65 @@ def test_a_failure_midway_keeps_the_rows_written_as_partial(tmp_path: Path, caps
         rows = list(csv.reader(f))
     assert [r[0] for r in rows[1:]] == [f"img{i}.png" for i in range(4)]
     assert "predict stopped after 4 rows" in capsys.readouterr().err
+
+
+class SignalsAt(TransferModule):
+    """Sends this process ``signum`` in ``predict_step`` at batch 1, as ``kill`` / Ctrl-C would from outside."""
+
+    signum = int(signal.SIGTERM)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if batch_idx == 1:
+            os.kill(os.getpid(), self.signum)
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_predict_after_the_batch_and_keeps_its_rows(tmp_path: Path, signum: int, code: int,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "predictions.csv"
+    model = SignalsAt(TinyBackbone(), num_classes=3, class_names=["a", "b", "c"])
+    model.signum = int(signum)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[CSVPredictionWriter(str(output))])
+    before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as stop:
+        trainer.predict(model, DataLoader(Named(), batch_size=2), return_predictions=False)
+    assert stop.value.code == code and signal.getsignal(signum) is before  # the handlers are put back
+    with (tmp_path / "predictions.partial.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert [r[0] for r in rows[1:]] == ["img0.png", "img1.png", "img2.png", "img3.png"]  # the signalled batch too
+    assert not output.exists()
+    err = capsys.readouterr().err
+    assert f"{signal.Signals(signum).name}: predict stops after this batch" in err
+    assert "predict stopped after 4 rows" in err
+
+
+def test_sigterm_to_transfer_lit_predict_keeps_the_rows_and_exits_143(tmp_path: Path) -> None:
+    images = make_image_folder(tmp_path / "images", {"train": 3, "val": 2}, size=16)
+    many = make_image_folder(tmp_path / "new", {"predict": 40}, size=16) / "predict"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+           "TRANSFER_LIT_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    common = ["--data.num_workers", "0", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path / "run")]
+    cli = [sys.executable, "-m", "transfer_lit"]
+    subprocess.run([*cli, "fit", "--data.root", str(images), "--model.backbone", "cli_tiny_backbone.TinyCLIBackbone",
+                    "--trainer.max_epochs", "1", *common], env=env, check=True, capture_output=True)
+    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+    output = tmp_path / "predictions.csv"
+    log = tmp_path / "predict.log"
+    process = subprocess.Popen([*cli, "predict", "--ckpt_path", str(checkpoint), "--data.predict_root", str(many),
+                                "--model.backbone.init_args.delay", "0.3", "--prediction_writer.output", str(output),
+                                *common], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not any(len(p.read_text().splitlines()) > 1 for p in tmp_path.glob(".predictions.csv.*")):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143, log.read_text()[-3000:]
+    with (tmp_path / "predictions.partial.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert 1 < len(rows) < 41 and rows[0][:3] == ["file", "prediction", "probability"]
+    text = log.read_text()
+    assert "Traceback" not in text and "SIGTERM: predict stops after this batch" in text and not output.exists()
+    assert not list(tmp_path.glob(".predictions.csv.*"))  # no temporary file left

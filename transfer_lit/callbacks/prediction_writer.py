@@ -3,10 +3,13 @@ probability of every class."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -25,7 +28,8 @@ class CSVPredictionWriter(BasePredictionWriter):
 
     Rows go to a hidden temporary file beside ``output``, renamed to ``output`` when ``predict`` ends, so a failed
     or interrupted ``predict`` never leaves a header-only or truncated ``output`` (nor replaces an earlier one):
-    the rows it did write are kept as ``<output stem>.partial<suffix>``.
+    the rows it did write are kept as ``<output stem>.partial<suffix>``. SIGTERM or Ctrl-C stops ``predict`` after the
+    batch being written (a second one at once); the process exits with 143 or 130, as shells report the signal.
 
     Args:
         output: CSV path; columns ``file`` (or ``text``: the data module's ``prediction_column``), ``prediction``,
@@ -39,6 +43,21 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._path: Path | None = None  # the final file
         self._temp: Path | None = None  # where rows go until predict ends
         self._rows = 0
+        self._signal: int | None = None  # received SIGTERM / SIGINT, acted on after the current batch
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._signal is not None:  # a second signal: stop now
+            raise PredictInterrupted(signum)
+        self._signal = signum
+        print(f"\n{signal.Signals(signum).name}: predict stops after this batch and keeps the rows written so far",
+              file=sys.stderr)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(signum, handler)
+        self._previous = {}
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -54,7 +73,14 @@ class CSVPredictionWriter(BasePredictionWriter):
                 csv.writer(f).writerow([column, "prediction", "probability", *(f"p_{n}" for n in names)])
         except OSError as error:  # read-only folder, no permission, full disk: before any prediction is made
             raise storage_error(path, error) from error
-        self._path, self._temp, self._rows = path, temp, 0
+        self._path, self._temp, self._rows, self._signal = path, temp, 0, None
+        for signum in (signal.SIGTERM, signal.SIGINT):  # Lightning's own SIGTERM handler only stops training
+            if signal.getsignal(signum) is signal.SIG_IGN:  # started with nohup / as a background job: respect it
+                continue
+            try:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals alone
+                break
 
     @override
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
@@ -75,10 +101,13 @@ class CSVPredictionWriter(BasePredictionWriter):
             rows = zip(prediction["paths"], index.tolist(), confidence.tolist(), probs.tolist(), strict=True)
             for path, i, p, every in rows:
                 writer.writerow([path, names[i] if i < len(names) else i, f"{p:.6f}", *(f"{q:.6f}" for q in every)])
+        if self._signal is not None:
+            raise PredictInterrupted(self._signal)
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._temp is not None and self._path is not None
+        self._restore_signals()
         os.replace(self._temp, self._path)
         self._temp = None
         if trainer.is_global_zero:
@@ -87,6 +116,7 @@ class CSVPredictionWriter(BasePredictionWriter):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Predict failed or was interrupted: keep the rows written so far as ``*.partial*``, or nothing."""
+        self._restore_signals()
         if self._temp is None or self._path is None or not self._temp.exists():
             return
         if self._rows == 0:
@@ -97,3 +127,11 @@ class CSVPredictionWriter(BasePredictionWriter):
             print(f"transfer_lit: predict stopped after {self._rows} rows; they are in {partial} ({self._path} is "
                   f"unchanged)", file=sys.stderr)
         self._temp = None
+
+
+class PredictInterrupted(SystemExit):
+    """``predict`` stopped by a signal; exits with 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
