@@ -113,3 +113,21 @@ def test_the_few_shot_protocol_reports_each_k_with_a_95_percent_interval(
     seeds = {yaml.safe_load(p.read_text())["data"]["init_args"]["seed"] for p in logs}
     assert seeds == {0, 1}
     assert (tmp_path / "out" / "few_shot.md").is_file() and (tmp_path / "out" / "few_shot.png").is_file()
+
+
+def test_every_fit_gets_the_same_budget_of_epochs_time_and_patience(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    images = make_image_folder(tmp_path / "images", {"train": 8, "val": 6})
+    frozen = recipe(tmp_path, "linear_probe")  # lr 1e-12: the selection accuracy cannot improve after epoch 0
+    args = ["compare", "--data.root", str(images), "--strategies", "linear_probe", "--seeds", "1", "--epochs", "6",
+            "--recipe", f"linear_probe={frozen}", "--model.lr", "1e-12"]
+    main([*args, "--patience", "2", "--output_dir", str(tmp_path / "patience")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["budget"] == {"epochs": 6, "max_minutes": None, "patience": 2}
+    assert summary["strategies"]["linear_probe"]["epochs_mean"] == 3  # epoch 0, then 2 without improvement
+    main([*args, "--max_minutes", "0.0001", "--output_dir", str(tmp_path / "time")])  # rounds up to 1 s
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["budget"]["max_minutes"] == 0.0001 and summary["strategies"]["linear_probe"]["epochs_mean"] < 6
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--patience", "0", "--output_dir", str(tmp_path / "bad")])
+    assert stop.value.code == 2 and "compare --patience must be >= 1 epoch, got 0" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``transfer-lit compare``: which strategy wins on my data, judged on held-out data, over seeds.
 
     transfer-lit compare --data.root images/ [--strategies linear_probe,finetune,progressive] [--seeds 3]
-                         [--epochs 5] [--backbone_lr_mults 0.01,0.1,1] [--output_dir outputs/compare] [-- fit args]
+                         [--epochs 5] [--max_minutes M] [--patience N] [--backbone_lr_mults 0.01,0.1,1]
+                         [--output_dir outputs/compare] [-- fit args]
     transfer-lit compare --data.root images/ --samples_per_class 1,5,10,40 ...    # the few-shot protocol
 
 Each strategy runs its shipped recipe (``configs/<strategy>.yaml``, or ``--recipe STRATEGY=FILE``) through
@@ -10,6 +11,12 @@ validation accuracy, and the backbone LR multiplier), and ``test/`` reports. A f
 ``val/`` has its ``val/`` cut in two seeded, stratified halves (selection, held-out), so selection and reporting
 never share an image. The multiplier search (fine-tune and progressive; the probe has no backbone LR) runs on the
 first seed only and is judged on the selection split; the chosen value then runs on every seed.
+
+The budget of every fit is the same: at most ``--epochs`` epochs, and with ``--max_minutes`` at most that wall time
+(Lightning's ``trainer.max_time``; the run then ends after the batch being trained, and a time budget makes
+results depend on the machine's speed). ``--patience N`` also stops a fit when the selection accuracy has not
+improved for N epochs (Lightning's ``EarlyStopping`` on ``val_acc``); either way the checkpoint of the best selection
+accuracy is the one tested. ``epochs_mean`` in the summary says how many epochs ran.
 
 The pick: the strategy with the highest mean selection accuracy; one within its standard deviation that took
 less wall time wins instead (the cheaper of two equals). Written to ``--output_dir``: ``compare.json`` (held-out
@@ -76,11 +83,12 @@ def fit_and_test(recipe: Path, root: Path, out: Path, seed: int, epochs: int, mu
     start = time.perf_counter()
     cli = build_cli(args + extra)
     wall = time.perf_counter() - start
+    ran = cli.trainer.current_epoch
     selection = float(cli.trainer.checkpoint_callback.best_model_score or 0.0)  # type: ignore[union-attr]
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     metrics = cli.trainer.callback_metrics
     result = {k: round(float(metrics[f"test_{k}"]), 4) for k in REPORTED if f"test_{k}" in metrics}
-    return {**result, "selection_acc": round(selection, 4), "wall_s": round(wall, 1)}
+    return {**result, "selection_acc": round(selection, 4), "wall_s": round(wall, 1), "epochs": ran}
 
 
 def summarize(runs: dict[str, list[dict[str, float]]], mults: dict[str, float | None]) -> dict[str, Any]:
@@ -95,6 +103,7 @@ def summarize(runs: dict[str, list[dict[str, float]]], mults: dict[str, float | 
                 row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
         row["accuracy_mean"], row["accuracy_std"] = row.pop("acc_mean", None), row.pop("acc_std", None)
         row["wall_s"] = round(sum(r["wall_s"] for r in results) / len(results), 1)
+        row["epochs_mean"] = round(statistics.fmean(r.get("epochs", 0) for r in results), 2)
         row["backbone_lr_mult"], row["seeds"] = mults.get(name), len(results)
         strategies[name] = row
     best = max(strategies, key=lambda s: strategies[s]["selection_acc_mean"])
@@ -156,16 +165,19 @@ def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, 
 def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
             backbone_lr_mults: tuple[float, ...] = (0.01, 0.1, 1.0), output_dir: str = "outputs/compare",
             recipes: dict[str, str] | None = None, extra: list[str] | None = None,
-            samples_per_class: int | None = None) -> dict[str, Any]:
+            samples_per_class: int | None = None, max_minutes: float | None = None,
+            patience: int | None = None) -> dict[str, Any]:
     """Run the comparison (the module's docstring) and return the summary written to ``compare.json``.
 
     ``samples_per_class``: train on that many images per class, drawn anew for each seed (``data.seed``).
+    ``max_minutes`` / ``patience``: the budget of every fit besides ``epochs`` (:func:`budget_args`).
     """
     unknown = [s for s in strategies if s not in RECIPES]
     if unknown:
         raise ValueError(f"compare --strategies: unknown {unknown}; valid: {sorted(RECIPES)}")
     if seeds < 1 or epochs < 1:
         raise ValueError(f"compare: --seeds and --epochs must be >= 1, got {seeds} and {epochs}")
+    budget = budget_args(max_minutes, patience)
     configs = Path(__file__).resolve().parents[1] / "configs"
     files = {s: Path((recipes or {}).get(s) or configs / RECIPES[s]) for s in strategies}
     missing = {s: str(f) for s, f in files.items() if not f.is_file()}
@@ -189,7 +201,7 @@ def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
             shots = [] if samples_per_class is None else ["--data.samples_per_class", str(samples_per_class),
                                                           "--data.seed", str(seed)]
             return fit_and_test(files[strategy], data, folder, seed, epochs, mult, strategy == "scratch",
-                                [*(extra or []), *shots])
+                                [*budget, *(extra or []), *shots])
 
         if strategy in SEARCHED and searching:
             tried = {m: run(0, m) for m in backbone_lr_mults}
@@ -200,53 +212,27 @@ def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
         else:
             mults[strategy] = backbone_lr_mults[0] if strategy in SEARCHED else None
             runs[strategy] = [run(s, mults[strategy]) for s in range(seeds)]
-    summary = {**summarize(runs, mults), "search": search}  # selection accuracy of each multiplier (seed 0)
+    summary = {**summarize(runs, mults), "search": search,  # selection accuracy of each multiplier (seed 0)
+               "budget": {"epochs": epochs, "max_minutes": max_minutes, "patience": patience}}
     write_outputs(summary, out, files[summary["pick"]], data, epochs)
     return summary
 
 
-#: Student's t quantile 0.975 for n - 1 degrees of freedom (n seeds), for the 95% interval of a mean.
-T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-
-
-def few_shot(root: str, ks: list[int], strategies: list[str], seeds: int, output_dir: str,
-             **kwargs: Any) -> dict[str, Any]:
-    """:func:`compare` at each ``samples_per_class`` in ``ks``: held-out accuracy mean and 95% interval per k and
-    strategy (``few_shot.json``, ``few_shot.md``, ``few_shot.png``)."""
-    out = Path(output_dir)
-    curves: dict[str, dict[str, Any]] = {}
-    for k in ks:
-        summary = compare(root, strategies, seeds, output_dir=str(out / f"k{k}"), samples_per_class=k, **kwargs)
-        for name, row in summary["strategies"].items():
-            half = T975.get(row["seeds"], 1.96) * row["accuracy_std"] / row["seeds"] ** 0.5 if row["seeds"] > 1 else 0
-            curves.setdefault(name, {})[str(k)] = {"accuracy_mean": row["accuracy_mean"], "ci95": [
-                round(max(0.0, row["accuracy_mean"] - half), 4), round(min(1.0, row["accuracy_mean"] + half), 4)]}
-    result = {"samples_per_class": ks, "seeds": seeds, "strategies": curves}
-    (out / "few_shot.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{c[str(k)]['accuracy_mean']:.3f} [{c[str(k)]['ci95'][0]:.3f}, "
-                                          f"{c[str(k)]['ci95'][1]:.3f}]" for k in ks) + " |"
-              for name, c in curves.items()]
-    (out / "few_shot.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return result
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, c in curves.items():
-        means = [c[str(k)]["accuracy_mean"] for k in ks]
-        ax.plot(ks, means, marker="o", label=name)
-        ax.fill_between(ks, [c[str(k)]["ci95"][0] for k in ks], [c[str(k)]["ci95"][1] for k in ks], alpha=0.2)
-    ax.set(xscale="log", xlabel="training images per class", ylabel="held-out accuracy (95% interval)", ylim=(0, 1),
-           title=f"few-shot, {seeds} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "few_shot.png", dpi=110)
-    plt.close(fig)
-    return result
+def budget_args(max_minutes: float | None, patience: int | None) -> list[str]:
+    """``fit`` arguments for a wall-time budget (``trainer.max_time``) and early stopping on the selection accuracy."""
+    args: list[str] = []
+    if max_minutes is not None:
+        if max_minutes <= 0:
+            raise ValueError(f"compare --max_minutes must be > 0, got {max_minutes}")
+        seconds = max(1, round(max_minutes * 60))
+        args += ["--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
+    if patience is not None:
+        if patience < 1:
+            raise ValueError(f"compare --patience must be >= 1 epoch, got {patience}")
+        args += ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                 "--trainer.callbacks.monitor=val_acc", "--trainer.callbacks.mode=max",
+                 f"--trainer.callbacks.patience={patience}"]
+    return args
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -257,6 +243,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--strategies", default="linear_probe,finetune,progressive")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max_minutes", type=float, default=None, help="wall-time budget of every fit, in minutes")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="stop a fit after this many epochs without a better selection accuracy")
     parser.add_argument("--backbone_lr_mults", default="0.01,0.1,1")
     parser.add_argument("--output_dir", default="outputs/compare")
     parser.add_argument("--recipe", action="append", default=[], metavar="STRATEGY=FILE")
@@ -264,9 +253,12 @@ def main(argv: list[str]) -> dict[str, Any]:
                         help="few-shot protocol: compare at each k training images per class (e.g. 1,5,10,40)")
     own, extra = parser.parse_known_args(argv)
     recipes = dict(item.split("=", 1) for item in own.recipe)
-    options = {"epochs": own.epochs, "backbone_lr_mults": tuple(float(m) for m in own.backbone_lr_mults.split(",")),
+    options = {"epochs": own.epochs, "max_minutes": own.max_minutes, "patience": own.patience,
+               "backbone_lr_mults": tuple(float(m) for m in own.backbone_lr_mults.split(",")),
                "recipes": recipes, "extra": [a for a in extra if a != "--"]}
     if own.samples_per_class:
+        from transfer_lit.few_shot import few_shot  # it runs compare() at each k
+
         result = few_shot(own.root, [int(k) for k in own.samples_per_class.split(",")], own.strategies.split(","),
                           own.seeds, own.output_dir, **options)
         print((Path(own.output_dir) / "few_shot.md").read_text())
