@@ -99,9 +99,11 @@ def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=_env(), cwd=log.parent)
 
 
-def _signal_when(process: subprocess.Popen[bytes], ready: Path, signum: int, timeout: float = 120.0) -> int:
+def _signal_when(process: subprocess.Popen[bytes], ready: Path, signum: int, timeout: float = 120.0,
+                 newer_than: float | None = None) -> int:
+    """Send ``signum`` once ``ready`` exists (and was written after ``newer_than``, a modification time)."""
     deadline = time.monotonic() + timeout
-    while not ready.is_file():
+    while not ready.is_file() or (newer_than is not None and ready.stat().st_mtime_ns <= newer_than):
         assert process.poll() is None, f"the run ended (exit {process.returncode}) before {ready} appeared"
         assert time.monotonic() < deadline, f"{ready} did not appear within {timeout} s"
         time.sleep(0.05)
@@ -122,14 +124,15 @@ def test_sigterm_then_ctrl_c_then_resume_completes_the_run(images: Path, tmp_pat
     # The message ends with the exact command to resume; run it as printed.
     resume = shlex.split(log[log.index("resume with:\n") :].splitlines()[1])
     assert resume[0] == "transfer-lit" and resume[-2:] == ["--ckpt_path", str(interrupted)]
-    second = _start([*cli, *resume[1:]], tmp_path / "second.log")
-    assert _signal_when(second, run_dir / "lightning_logs/version_1/checkpoints/last.ckpt", signal.SIGINT) == 130
+    last = run_dir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    written = last.stat().st_mtime_ns
+    second = _start([*cli, *resume[1:]], tmp_path / "second.log")  # resumes in its own folder, version_0
+    assert _signal_when(second, last, signal.SIGINT, newer_than=written) == 130
     assert "SIGINT: training stopped and saved" in (tmp_path / "second.log").read_text()
 
     main(fit_args(images, run_dir, epochs, "--ckpt_path", "last"))  # in-process: spares a third start-up
-    assert f"--ckpt_path last = {run_dir / 'lightning_logs/version_1/checkpoints/interrupted.ckpt'}" in (
-        capsys.readouterr().err
-    )
+    assert f"--ckpt_path last = {interrupted}" in capsys.readouterr().err
+    assert [v.name for v in versions(run_dir)] == ["version_0"]  # one run folder, one learning curve
     assert_continuous(run_dir, epochs)
     final = final_checkpoint(run_dir)
     assert (final["epoch"], final["global_step"]) == (epochs - 1, epochs * STEPS_PER_EPOCH)

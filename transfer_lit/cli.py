@@ -33,9 +33,11 @@ from transfer_lit.checkpoints import (
     resume_command,
     with_checkpoint_model,
 )
+from transfer_lit.checkpoints.resume import continue_run
 from transfer_lit.cli_config import TransferArgumentParser, parse_as_run, show_the_head_lr
 from transfer_lit.compare import main as compare_main
 from transfer_lit.console import quiet_lightning
+from transfer_lit.data.stages import evaluated_data
 from transfer_lit.errors import unwrapped, user_error_message
 from transfer_lit.loggers import DEFAULT_ROOT_DIR, resolve_loggers, with_logger_save_dir
 from transfer_lit.module import TransferModule
@@ -108,8 +110,8 @@ class TransferCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = with_logger_save_dir(list(sys.argv[1:] if args is None else args))
         check_config_files(argv)
-        self.config = parse_as_run(parser, with_checkpoint_model(argv, DATA_CLASSES if self.subclass_mode_data else None,
-                                                                 self.subclass_mode_model))
+        data_classes = DATA_CLASSES if self.subclass_mode_data else None
+        self.config = parse_as_run(parser, with_checkpoint_model(argv, data_classes, self.subclass_mode_model))
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -155,6 +157,9 @@ class TransferCLI(LightningCLI):
         # LightningCLI has read the hyperparameters of --ckpt_path (if any) into the model's config.
         model = config["model"].get("init_args", config["model"]) if self.subclass_mode_model else config["model"]
         self._checkpoint_classes = {k: model.get(k) for k in ("num_classes", "class_names")}
+        # With the checkpoint's classes, validate / test / predict need only the data they evaluate.
+        evaluated_data(config.get("data"), self.subcommand, model.get("class_names") or model.get("num_classes"),
+                       self.datamodule_class)
         for key in ("optimizer", "lr_scheduler"):  # LightningCLI's own: one group over every parameter
             chosen = config.get(key)
             if chosen:
@@ -213,6 +218,7 @@ class TransferCLI(LightningCLI):
                       + callback.schedule_yaml())
             sys.exit(0)
         self._resolve_last_checkpoint()
+        continue_run(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))  # in the checkpoint's folder
 
     def after_fit(self) -> None:
         """Print the last validation metrics and where the checkpoints are, without needing the progress bar."""

@@ -34,6 +34,7 @@ from transfer_lit.data.decode import (
 from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
 from transfer_lit.data.reader import ImageReader, default_num_workers
 from transfer_lit.data.splits import index_splits, list_images
+from transfer_lit.data.stages import check_fractions, model_class_names
 from transfer_lit.preprocessing import (
     Augment,
     ImagePreprocessing,
@@ -50,10 +51,16 @@ class ImageDataModule(LabelledDataModule):
     Args:
         root: folder with ``train/`` + ``val/`` (+ ``test/``) class folders, or class folders directly.
         train_csv: CSV (``path,label``) of training images, instead of ``root``.
-        val_csv: CSV of validation images (else a stratified split of the training set).
-        test_csv: CSV of test images.
+        val_csv: CSV of validation images (else a stratified split of the training set); with ``root``, it
+            replaces a ``val/`` folder.
+        test_csv: CSV of test images; with ``root``, it replaces a ``test/`` folder. Without ``root`` and
+            ``train_csv`` (``test --ckpt_path X --data.test_csv t.csv``) the classes are the model's (its
+            checkpoint's), and a label it does not know is an error.
         predict_root: folder of (unlabelled) images for ``predict``; searched recursively.
         val_fraction: share of each class held out for validation when there is no ``val/`` or ``val_csv``.
+        test_fraction: share of each class held out as the test split (before ``val_fraction``, which stays a
+            share of all the training data) when there is no ``test/`` or ``test_csv``: seeded and stratified,
+            so ``fit`` never sees it and ``test`` with the same settings evaluates exactly it. ``0``: none.
         samples_per_class: few-shot training: keep this many training images per class (seeded).
         seed: seed of the split and the few-shot subsample.
         batch_size: images per batch (per device).
@@ -92,6 +99,7 @@ class ImageDataModule(LabelledDataModule):
         test_csv: str | None = None,
         predict_root: str | None = None,
         val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
         samples_per_class: int | None = None,
         seed: int = 0,
         batch_size: int = 32,
@@ -109,14 +117,14 @@ class ImageDataModule(LabelledDataModule):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        check_fractions(val_fraction, test_fraction)
         if bad_images not in ("error", "skip"):
             raise ValueError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
         if samples_per_class is not None and samples_per_class <= 0:
             raise ValueError(f"data.samples_per_class must be a positive integer, got {samples_per_class}")
-        if (root is None) == (train_csv is None) and predict_root is None:
-            raise ValueError("give exactly one of data.root or data.train_csv")
+        if (root is None) == (train_csv is None) and (root is not None or not (val_csv or test_csv or predict_root)):
+            raise ValueError("give exactly one of data.root or data.train_csv (or only the data a command evaluates: "
+                             "data.val_csv, data.test_csv or data.predict_root, with the model's classes)")
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.num_workers = num_workers
         self.bad_images, self.scan, self.preprocessing = bad_images, scan, preprocessing
@@ -130,9 +138,11 @@ class ImageDataModule(LabelledDataModule):
         self.class_names: list[str] = []
         self._read: list[tuple[str, ImageDataset]] = []  # datasets of the current stage, for the skipped-images report
         self._logged_preprocessing = False
-        if root is not None or train_csv is not None:
-            self.class_names, self.splits = index_splits(root, train_csv, val_csv, test_csv, val_fraction,
-                                                         samples_per_class, seed)
+        index = (root, train_csv, val_csv, test_csv, val_fraction, samples_per_class, seed, test_fraction)
+        # Without training data the labels are numbered by the model's classes, known at `setup`.
+        self._deferred = None if root is not None or train_csv is not None else index
+        if self._deferred is None:
+            self.class_names, self.splits = index_splits(*index)
 
     def resolved_preprocessing(self) -> ImagePreprocessing:
         """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's, once restored)."""
@@ -153,6 +163,8 @@ class ImageDataModule(LabelledDataModule):
 
     def setup(self, stage: str) -> None:
         self._read, self._logged_preprocessing = [], False
+        if self._deferred is not None and stage != "predict" and any(self._deferred[2:4]):  # val_csv, test_csv
+            self.class_names, self.splits = index_splits(*self._deferred, class_names=model_class_names(self))
         if self.scan:
             self.scan_bad_images()
 
@@ -191,7 +203,8 @@ class ImageDataModule(LabelledDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
-            raise ValueError(f"no {split} data: add {split}/ under data.root or set data.{split}_csv")
+            held_out = " (or hold it out of the training data: data.test_fraction)" if split == "test" else ""
+            raise ValueError(f"no {split} data: add {split}/ under data.root or set data.{split}_csv{held_out}")
         p = self.resolved_preprocessing()
         module = self.trainer.lightning_module if self.trainer is not None else None
         if isinstance(module, Classifier) and module.task == "multilabel":

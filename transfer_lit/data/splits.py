@@ -147,10 +147,53 @@ def few_shot(by_class: dict[str, list[_Item]], samples_per_class: int, seed: int
     return {c: sorted(rng.sample(list(files), samples_per_class)) for c, files in by_class.items()}
 
 
+def carve_held_out(groups: dict[str, dict[str, list[_Item]]], val_fraction: float, test_fraction: float, seed: int
+                   ) -> None:
+    """Hold out of ``groups["train"]`` (in place) the splits that have no data of their own: a seeded, stratified
+    ``test_fraction`` (when > 0), then ``val_fraction``; both are shares of the training data as given, and the
+    same files and seed always give the same three splits (``fit`` never sees the test part, ``test`` reads it)."""
+    if "train" not in groups:
+        return
+    share = val_fraction
+    if test_fraction > 0:
+        if "test" in groups:
+            raise ValueError(f"data.test_fraction={test_fraction} holds a test split out of the training data, but the "
+                             f"data has a test split of its own (a test/ folder under data.root, or data.test_csv); "
+                             f"set data.test_fraction=0, or leave the test data out")
+        groups["train"], groups["test"] = stratified_split(groups["train"], test_fraction, seed)
+        share = val_fraction / (1 - test_fraction)
+    if "val" not in groups:
+        groups["train"], groups["val"] = stratified_split(groups["train"], share, seed)
+
+
+def number_labels(groups: dict[str, dict[str, list[_Item]]], class_names: list[str], from_model: bool,
+                  noun: str = "classes") -> dict[str, list[tuple[_Item, int]]]:
+    """Each split's ``(item, class index)`` (an evaluation split's classes interleaved), numbered by ``class_names``:
+    the training split's, or (``from_model``) the model's, from its checkpoint: a class it does not know is an error.
+    """
+    checked = sorted(groups) if from_model else ["val", "test"]  # the training split's classes are the reference
+    for split in checked:
+        extra = sorted(set(groups.get(split, {})) - set(class_names))
+        if extra and from_model:
+            raise ValueError(f"data: the {split} split has {noun} {extra} that the model does not know: the classes of "
+                             f"its checkpoint (model.class_names) are {class_names}")
+        if extra:
+            raise ValueError(f"data: {noun} {extra} appear in {split} but not in train; train {noun} are "
+                             f"{class_names}")
+    index = {name: i for i, name in enumerate(class_names)}
+    return {split: [(f, index[c]) for f, c in (interleaved(by_class) if split != "train" else
+                                                [(f, c) for c, fs in by_class.items() for f in fs])]
+            for split, by_class in groups.items()}
+
+
 def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, test_csv: str | None,
-                 val_fraction: float, samples_per_class: int | None, seed: int
-                 ) -> tuple[list[str], dict[str, list[Sample]]]:
-    """``(class names, {split: [(path, class index)]})`` of ``ImageDataModule``'s arguments of the same names."""
+                 val_fraction: float, samples_per_class: int | None, seed: int, test_fraction: float = 0.0,
+                 class_names: list[str] | None = None) -> tuple[list[str], dict[str, list[Sample]]]:
+    """``(class names, {split: [(path, class index)]})`` of ``ImageDataModule``'s arguments of the same names.
+
+    A ``val_csv`` / ``test_csv`` gives its split even with ``root`` (instead of the root's ``val/`` / ``test/``).
+    ``class_names`` (the model's) number the labels instead of the training data's, which is then not needed.
+    """
     folders: dict[str, dict[str, list[Path]]] = {}
     ignored: list[Path] = []
     if root is not None:
@@ -163,39 +206,29 @@ def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, t
         found = split_folders(base, "data.root")
         if "train" in found:
             for split, folder in found.items():
-                folders[split] = scan_class_folders(folder, f"data.root ({folder.name}/)", ignored)
-            if "val" not in folders:
-                folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, seed)
+                if {"val": val_csv, "test": test_csv}.get(split) is None:  # a CSV given for the split wins
+                    folders[split] = scan_class_folders(folder, f"data.root ({folder.name}/)", ignored)
         elif found:
             raise FileNotFoundError(f"data.root={root!r} has val/ or test/ but no train/ folder (found "
                                     f"{sorted(f.name + '/' for f in found.values())}; the training folder may be "
                                     f"named any of {list(SPLIT_NAMES['train'])}, in any case)")
         else:
-            folders["train"], folders["val"] = stratified_split(
-                scan_class_folders(base, "data.root", ignored), val_fraction, seed
-            )
-    else:
-        for split, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
-            if path is not None:
-                grouped: dict[str, list[Path]] = defaultdict(list)
-                for file, label in read_csv(Path(path).expanduser(), f"data.{split}_csv"):
-                    grouped[label].append(file)
-                folders[split] = dict(sorted(grouped.items()))
-        if "val" not in folders:
-            folders["train"], folders["val"] = stratified_split(folders["train"], val_fraction, seed)
-    class_names = sorted(folders["train"])
-    for split in ("val", "test"):
-        extra = sorted(set(folders.get(split, {})) - set(class_names))
-        if extra:
-            raise ValueError(f"data: classes {extra} appear in {split} but not in train; train classes are "
-                             f"{class_names}")
-    if samples_per_class is not None:
+            folders["train"] = scan_class_folders(base, "data.root", ignored)
+    for split, path in (("train", train_csv if root is None else None), ("val", val_csv), ("test", test_csv)):
+        if path is not None:
+            grouped: dict[str, list[Path]] = defaultdict(list)
+            for file, label in read_csv(Path(path).expanduser(), f"data.{split}_csv"):
+                grouped[label].append(file)
+            folders[split] = dict(sorted(grouped.items()))
+    if "train" not in folders and class_names is None:
+        raise ValueError("give exactly one of data.root or data.train_csv (without training data, the model's "
+                         "class_names number the labels)")
+    carve_held_out(folders, val_fraction, test_fraction, seed)
+    if samples_per_class is not None and "train" in folders:
         folders["train"] = few_shot(folders["train"], samples_per_class, seed, "data.samples_per_class")
-    index = {name: i for i, name in enumerate(class_names)}
-    splits: dict[str, list[Sample]] = {}
-    for split, by_class in folders.items():
-        ordered = interleaved(by_class) if split != "train" else [(f, c) for c, fs in by_class.items() for f in fs]
-        splits[split] = [(str(f), index[c]) for f, c in ordered]
+    names = list(class_names) if class_names is not None else sorted(folders["train"])
+    numbered = number_labels(folders, names, from_model=class_names is not None)
+    splits = {split: [(str(f), label) for f, label in samples] for split, samples in numbered.items()}
     counts = {s: len(v) for s, v in splits.items()}
     for split, samples in splits.items():
         if not samples:
@@ -203,6 +236,6 @@ def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, t
                              + ("with data.val_fraction a class needs >= 2 images to lend one to validation: add "
                                 "images, or give a val/ folder or data.val_csv" if split == "val" else
                                 "add images to it"))
-    rank_zero_info(f"transfer_lit data: {len(class_names)} classes {class_names[:10]}, images {counts}"
+    rank_zero_info(f"transfer_lit data: {len(names)} classes {names[:10]}, images {counts}"
                    f"{describe_ignored(ignored)}")
-    return class_names, splits
+    return names, splits

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from transfer_lit.data.base import LabelledDataModule
 from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
-from transfer_lit.data.splits import few_shot, interleaved, split_folders, stratified_split
+from transfer_lit.data.splits import carve_held_out, few_shot, number_labels, split_folders, stratified_split
+from transfer_lit.data.stages import check_fractions, model_class_names
 from transfer_lit.data.text_batches import LengthBucketSampler, TextCollator, TokenizedTexts
 from transfer_lit.data.text_files import BadTexts, Column, TableFormat, check_texts, read_table, read_text_folders
 from transfer_lit.preprocessing.text import TextPreprocessing, load_tokenizer
@@ -43,7 +44,8 @@ class TextDataModule(LabelledDataModule):
         train_csv: CSV / TSV of training texts (``.tsv`` / ``.tab`` = tab-separated, ``.csv`` = comma; other
             names: a tab in the first line decides).
         val_csv: validation texts (else a seeded, stratified ``val_fraction`` of the training texts).
-        test_csv: test texts.
+        test_csv: test texts. Given without ``train_csv`` and ``root`` (``test --ckpt_path X --data.test_csv t.csv``),
+            as ``val_csv`` may be, its labels are the model's (its checkpoint's) classes; an unknown one is an error.
         predict_csv: texts for ``predict`` (a label column, if any, is ignored).
         root: instead of CSV files: ``root/<class>/*.txt`` (or ``root/train/<class>/``, ``root/val/...``).
         text_column: name or 0-based index of the text column; ``None``: the column named like text
@@ -54,6 +56,8 @@ class TextDataModule(LabelledDataModule):
         delimiter: ``auto``, ``\\t`` / ``tab``, ``,`` or any single character.
         encoding: the files' text encoding.
         val_fraction: share of each class held out for validation when there is no ``val_csv``.
+        test_fraction: share of each class held out as the test split when there is no ``test_csv`` (seeded,
+            stratified, before ``val_fraction``): ``fit`` never sees it, ``test`` evaluates exactly it. ``0``: none.
         samples_per_class: few-shot training: keep this many training texts per class (seeded).
         train_samples: keep a seeded, stratified subsample of this many training texts (taken after a validation
             split is held out of the training file, so validation keeps its full size).
@@ -85,6 +89,7 @@ class TextDataModule(LabelledDataModule):
         delimiter: str = "auto",
         encoding: str = "utf-8",
         val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
         samples_per_class: int | None = None,
         train_samples: int | None = None,
         seed: int = 0,
@@ -102,16 +107,16 @@ class TextDataModule(LabelledDataModule):
                            ("train_samples", train_samples)):
             if count is not None and (not isinstance(count, int) or count <= 0):
                 raise ValueError(f"data.{key} must be a positive integer, got {count!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        check_fractions(val_fraction, test_fraction)
         choices: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("tokenize", tokenize, ("upfront", "workers")), ("bad_texts", bad_texts, ("error", "skip")),
             ("cache_features", cache_features, (True, False, "auto"))]
         for key, value, valid in choices:
             if value not in valid:
                 raise ValueError(f"data.{key} must be one of {list(valid)}, got {value!r}")
-        if (root is None) == (train_csv is None) and predict_csv is None:
-            raise ValueError("give exactly one of data.train_csv or data.root (or only data.predict_csv to predict)")
+        if (root is None) == (train_csv is None) and (root is not None or not (val_csv or test_csv or predict_csv)):
+            raise ValueError("give exactly one of data.train_csv or data.root (or only the data a command evaluates: "
+                             "data.val_csv, data.test_csv or data.predict_csv, with the model's classes)")
         self.fmt = TableFormat(text_column, label_column, header, delimiter, encoding)
         self.batch_size, self.num_workers, self.seed, self.tokenize = batch_size, num_workers, seed, tokenize
         self.bucket_by_length, self.bad_texts, self.preprocessing = bucket_by_length, bad_texts, preprocessing
@@ -121,15 +126,23 @@ class TextDataModule(LabelledDataModule):
         self.class_names: list[str] = []
         self._tokenized: dict[tuple[str, str], TokenizedTexts] = {}
         self._tokenizers: dict[str, Any] = {}
-        if root is not None or train_csv is not None:
-            self._index(root, train_csv, val_csv, test_csv, val_fraction, samples_per_class, train_samples)
+        index = (root, train_csv, val_csv, test_csv, val_fraction, samples_per_class, train_samples, test_fraction)
+        # Without training data the labels are numbered by the model's classes, known at `setup`.
+        self._deferred = None if root is not None or train_csv is not None else index
+        if self._deferred is None:
+            self._index(*index)
+
+    def setup(self, stage: str) -> None:
+        if self._deferred is not None and stage != "predict" and any(self._deferred[2:4]):  # val_csv, test_csv
+            self._index(*self._deferred, class_names=model_class_names(self))
 
     def _read(self, key: str, value: str, labelled: bool = True) -> Rows:
         rows = read_table(Path(value).expanduser(), key, self.fmt, labelled)
         return [(text, label, f"{value}:{line}") for text, label, line in rows]
 
     def _index(self, root: str | None, train_csv: str | None, val_csv: str | None, test_csv: str | None,
-               val_fraction: float, samples_per_class: int | None, train_samples: int | None) -> None:
+               val_fraction: float, samples_per_class: int | None, train_samples: int | None,
+               test_fraction: float = 0.0, class_names: list[str] | None = None) -> None:
         rows: dict[str, Rows] = {}
         if root is not None:
             base = Path(root).expanduser()
@@ -148,23 +161,14 @@ class TextDataModule(LabelledDataModule):
                 rows[split] = self._read(f"data.{split}_csv", path)
         rows = {split: check_texts(r, self.bad_texts, split) for split, r in rows.items()}
         grouped = {split: _by_class(r) for split, r in rows.items()}
-        if "val" not in grouped:
-            grouped["train"], grouped["val"] = stratified_split(grouped["train"], val_fraction, self.seed)
-        self.class_names = _class_order(set(grouped["train"]))
-        for split in ("val", "test"):
-            extra = sorted(set(grouped.get(split, {})) - set(self.class_names))
-            if extra:
-                raise ValueError(f"data: labels {extra} appear in {split} but not in train; train labels are "
-                                 f"{self.class_names}")
-        if train_samples is not None:
+        carve_held_out(grouped, val_fraction, test_fraction, self.seed)
+        self.class_names = list(class_names) if class_names is not None else _class_order(set(grouped["train"]))
+        if train_samples is not None and "train" in grouped:
             grouped["train"] = _subsample(grouped["train"], train_samples, self.seed)
-        if samples_per_class is not None:
+        if samples_per_class is not None and "train" in grouped:
             grouped["train"] = few_shot(grouped["train"], samples_per_class, self.seed, "data.samples_per_class")
-        index = {name: i for i, name in enumerate(self.class_names)}
         # Evaluation splits interleave the classes: the sanity check and limit_val_batches then see all of them.
-        self.splits = {split: [(t, index[c]) for t, c in (interleaved(by_class) if split != "train" else
-                                                          [(t, c) for c, texts in by_class.items() for t in texts])]
-                       for split, by_class in grouped.items()}
+        self.splits = number_labels(grouped, self.class_names, class_names is not None, noun="labels")
         counts = {s: len(v) for s, v in self.splits.items()}
         for split, samples in self.splits.items():
             if not samples:
