@@ -69,7 +69,7 @@ def versions(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
-def assert_continuous(run_dir: Path, epochs: int) -> None:
+def assert_continuous(run_dir: Path, epochs: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> None:
     """Across every logger version: each epoch validated once, in order; each training step logged once."""
     val_epochs, steps = [], []
     for version in versions(run_dir):
@@ -80,7 +80,7 @@ def assert_continuous(run_dir: Path, epochs: int) -> None:
                 if row.get("train_loss_step"):
                     steps.append(int(row["step"]))
     assert val_epochs == list(range(epochs))
-    assert steps == list(range(epochs * STEPS_PER_EPOCH))
+    assert steps == list(range(epochs * steps_per_epoch))
 
 
 def final_checkpoint(run_dir: Path) -> dict[str, Any]:

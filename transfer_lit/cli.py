@@ -7,6 +7,7 @@ signal (:class:`~transfer_lit.FaultTolerance`). Nothing in the package imports t
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
@@ -278,6 +279,9 @@ def main(args: list[str] | None = None) -> None:
         else:
             print(f"transfer-lit: {signal_name}: stopped without saving a new checkpoint (to resume a fit from the "
                   "last one: --ckpt_path last)", file=sys.stderr)
+        if args is None:  # the command itself: a late copy of the signal (other ranks, srun) must not cut the exit
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_IGN)
         sys.exit(EXIT_CODES[signal_name])
     except Exception as raised:
         error = unwrapped(raised)  # what the data module raised, not jsonargparse's wrapper around it

@@ -11,13 +11,14 @@ from transfer_lit.checkpoints.io import (
     temp_path,
 )
 from transfer_lit.checkpoints.locate import checkpoint_dir, checkpoint_folders, find_last_checkpoint, resume_command
-from transfer_lit.checkpoints.rng import capture_rng, restore_rng
+from transfer_lit.checkpoints.rng import capture_rng, capture_rng_of_ranks, restore_rng, restore_rng_of_rank
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
 
 __all__ = [
     "AtomicCheckpointIO",
     "atomic_torch_save",
     "capture_rng",
+    "capture_rng_of_ranks",
     "check_checkpoint_fits",
     "check_config_files",
     "checkpoint_dir",
@@ -27,6 +28,7 @@ __all__ = [
     "load_torch_file",
     "remove_stale_temps",
     "restore_rng",
+    "restore_rng_of_rank",
     "restore_transfer_state",
     "resume_command",
     "save_transfer_state",
