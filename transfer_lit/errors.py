@@ -10,6 +10,7 @@ configuration), in the main process or in a DataLoader worker
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 from pathlib import Path
@@ -22,13 +23,19 @@ class StorageError(OSError):
     """A file could not be written where the run was told to write it (disk full, read-only, no permission)."""
 
 
+#: errno of a write refused by the storage itself: no space, quota exceeded, read-only file system.
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def storage_error(path: object, error: OSError) -> StorageError:
     """:class:`StorageError` naming ``path``, what the system said, and the free space of its filesystem."""
     folder = Path(str(path)).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        free = f"; {shutil.disk_usage(folder).free / 2**30:.2f} GiB free on {folder}'s filesystem"
+        space = shutil.disk_usage(folder).free
+        shown = f"{space / 2**30:.2f} GiB" if space >= 2**30 else f"{space / 2**20:.1f} MiB"
+        free = f"; {shown} free on {folder}'s filesystem"
     except OSError:
         free = ""
     return StorageError(error.errno, f"cannot write {str(path)!r}: {error.strerror or error}{free}; choose another "
@@ -81,6 +88,9 @@ def user_error_message(error: BaseException) -> str | None:
         return original.group(1) if name in _WORKER_USER_ERRORS and original and ours else None
     if isinstance(error, StorageError):
         return error.strerror or str(error)
+    if isinstance(error, OSError) and error.errno in _FULL_OR_READ_ONLY and error.filename is not None:
+        # Wherever a write met a full disk or a read-only file system (a logger's folder, a report): not a bug.
+        return storage_error(error.filename, error).strerror
     if isinstance(error, MisconfigurationException) or (isinstance(error, USER_ERRORS)
                                                          and raised_by_transfer_lit(error)):
         return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
