@@ -4,6 +4,8 @@ that fits them on validation, saves them in the checkpoint and uses them in ``te
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,16 @@ def test_without_matplotlib_the_tables_are_written_and_one_line_says_how_to_get_
     assert sorted(f.name for f in files) == ["test_confusion.csv", "test_per_class.csv", "test_report.md"]
     assert hint == "pip install 'transfer-lit[plots]' (matplotlib) to get the PNG plots as well"
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_writing_plots_leaves_the_users_matplotlib_backend_alone(tmp_path: Path) -> None:
+    # A notebook's inline backend (or any other) must survive a report: no matplotlib.use("Agg").
+    pytest.importorskip("matplotlib")
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg')\n"
+        "from transfer_lit.evaluation.plots import subplots\n"
+        "fig, ax = subplots(figsize=(2, 2)); ax.plot([0, 1]); fig.savefig(sys.argv[1])\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "plot.png")], check=True)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

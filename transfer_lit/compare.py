@@ -143,15 +143,12 @@ def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, 
     header = f"# The pick of transfer-lit compare ({summary['pick']}): transfer-lit fit --config best.yaml\n"
     (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from transfer_lit.evaluation.plots import subplots
     except ImportError:
         print("transfer-lit compare: pip install 'transfer-lit[plots]' (matplotlib) for compare.png")
         return
     names = list(summary["strategies"])
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    fig, ax = subplots(figsize=(1.6 * len(names) + 2, 4))
     means = [summary["strategies"][n]["accuracy_mean"] for n in names]
     stds = [summary["strategies"][n]["accuracy_std"] for n in names]
     ax.bar(names, means, yerr=stds, capsize=6, color=["tab:green" if n == summary["pick"] else "tab:blue"
@@ -159,7 +156,6 @@ def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, 
     ax.set(ylabel="held-out accuracy (mean +- std over seeds)", ylim=(0, 1), title="transfer-lit compare")
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
 
 
 def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,

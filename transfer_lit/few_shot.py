@@ -33,13 +33,10 @@ def few_shot(root: str, ks: list[int], strategies: list[str], seeds: int, output
               for name, c in curves.items()]
     (out / "few_shot.md").write_text("\n".join(lines) + "\n")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from transfer_lit.evaluation.plots import subplots
     except ImportError:
         return result
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for name, c in curves.items():
         means = [c[str(k)]["accuracy_mean"] for k in ks]
         ax.plot(ks, means, marker="o", label=name)
@@ -49,5 +46,4 @@ def few_shot(root: str, ks: list[int], strategies: list[str], seeds: int, output
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "few_shot.png", dpi=110)
-    plt.close(fig)
     return result

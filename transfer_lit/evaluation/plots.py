@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure  # not pyplot: files only, and a notebook's own backend (inline plots) untouched
 
 from transfer_lit.evaluation.calibration import reliability_bins
 from transfer_lit.evaluation.report import Predictions, curve
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
+
+
+def subplots(*grid: int, figsize: tuple[float, float]) -> tuple[Figure, Any]:
+    """``plt.subplots`` without pyplot: a figure of its own and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
 
 
 def confusion_png(predictions: Predictions, path: Path) -> Path:
     """The confusion matrix with the class names on both axes and the count in each cell."""
     confusion, names = predictions.confusion(), predictions.class_names
     size = 2.5 + 0.45 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = subplots(figsize=(size + 1, size))
     image = ax.imshow(confusion.numpy(), cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -44,8 +47,8 @@ def confusion_png(predictions: Predictions, path: Path) -> Path:
 def curves_png(predictions: Predictions, roc_path: Path, pr_path: Path) -> list[Path]:
     """ROC and precision-recall curves: class 1 for binary tasks, one per class (one-vs-rest) for multiclass."""
     classes = [1] if len(predictions.class_names) == 2 else list(range(len(predictions.class_names)))
-    roc, roc_ax = plt.subplots(figsize=(5.5, 5))
-    pr, pr_ax = plt.subplots(figsize=(5.5, 5))
+    roc, roc_ax = subplots(figsize=(5.5, 5))
+    pr, pr_ax = subplots(figsize=(5.5, 5))
     for c in classes:
         positive = predictions.target == c
         fpr, tpr, precision = curve(predictions.probs[:, c], positive)
@@ -67,7 +70,7 @@ def reliability_png(predictions: Predictions, path: Path, bins: int = 15) -> Pat
     used = count > 0
     edges = torch.linspace(0, 1, bins + 1)
     centres = ((edges[:-1] + edges[1:]) / 2)[used]
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = subplots(figsize=(5.5, 5))
     ax.bar(centres.numpy(), accuracy[used].numpy(), width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot(confidence[used].numpy(), accuracy[used].numpy(), "o", color="tab:red", label="mean confidence")
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
@@ -90,7 +93,7 @@ def learning_curves_png(metrics_csv: Path, path: Path) -> Path | None:
                 series.setdefault(key, {})[int(float(epoch))] = float(row[key])
     if not series:
         return None
-    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, score_ax) = subplots(1, 2, figsize=(10, 4))
     for key, points in series.items():
         ax = loss_ax if "loss" in key else score_ax
         ax.plot(list(points), list(points.values()), marker="o", label=key)
