@@ -29,6 +29,7 @@ from transfer_lit.preprocessing import (
 )
 from transfer_lit.protocols import CachedFeatures
 from transfer_lit.recipes import fine_tune
+from transfer_lit.schedulers import WarmupDecay
 
 
 def __getattr__(name: str) -> object:
@@ -64,6 +65,7 @@ __all__ = [
     "TextPreprocessing",
     "TorchvisionBackbone",
     "TransferModule",
+    "WarmupDecay",
     "WeightsNotAvailableError",
     "build_eval_transform",
     "build_train_transform",
