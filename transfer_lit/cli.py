@@ -37,7 +37,7 @@ from transfer_lit.checkpoints import (
 from transfer_lit.checkpoints.resume import continue_run
 from transfer_lit.cli_config import TransferArgumentParser, parse_as_run, show_the_head_lr
 from transfer_lit.compare import main as compare_main
-from transfer_lit.console import quiet_lightning
+from transfer_lit.console import progress_bar, quiet_lightning
 from transfer_lit.data.stages import evaluated_data
 from transfer_lit.errors import unwrapped, user_error_message
 from transfer_lit.loggers import DEFAULT_ROOT_DIR, resolve_loggers, with_logger_save_dir
@@ -187,8 +187,8 @@ class TransferCLI(LightningCLI):
         # Default callbacks are always appended; drop those Lightning refuses when the user switched off what they need.
         unwanted: list[type] = [LearningRates] if trainer.get("logger") is False else []
         unwanted += [ModelCheckpoint] if trainer.get("enable_checkpointing") is False else []
-        callbacks = self.trainer_defaults.get("callbacks", [])
-        self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, tuple(unwanted))]
+        callbacks = [c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, tuple(unwanted))]
+        self.trainer_defaults["callbacks"] = callbacks + [bar for bar in [progress_bar(trainer)] if bar is not None]
 
     def _resolve_last_checkpoint(self) -> None:
         # Partial writes of killed processes, in this configuration's every version folder (18 MB+ each).

@@ -10,14 +10,22 @@ Silenced, each matched by its own text (a real warning with other words still sh
 * for ``validate`` / ``test`` / ``predict`` only: "the dirpath has changed" (the run folder of a reloaded
   checkpoint) and "callbacks used to create the checkpoint need to be provided" (``ProgressiveUnfreezing`` only
   matters to ``fit``; a resumed ``fit`` still warns).
+
+:func:`progress_bar` picks Lightning's ``RichProgressBar`` in a terminal when ``rich`` is installed
+(``pip install 'transfer-lit[rich]'``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
+
+from lightning.pytorch import Callback
 
 _ALWAYS = (
     r"(?s).*`tensorboardX` has been removed as a dependency",
@@ -51,3 +59,17 @@ def quiet_lightning(subcommand: str | None) -> Iterator[None]:
         finally:
             for logger in loggers:
                 logger.removeFilter(drop)
+
+
+def progress_bar(trainer: Any) -> Callback | None:
+    """Lightning's ``RichProgressBar`` when ``rich`` is installed, stdout is a terminal (a log file keeps Lightning's
+    plain bar), and the ``trainer`` config (``enable_progress_bar``, ``callbacks``) neither hides the bar nor names a
+    progress bar of its own; else ``None`` (Lightning's default)."""
+    if trainer.get("enable_progress_bar") is False or not sys.stdout.isatty():
+        return None
+    named = [str(getattr(c, "class_path", type(c).__name__)) for c in trainer.get("callbacks") or []]
+    if any(name.endswith("ProgressBar") for name in named) or importlib.util.find_spec("rich") is None:
+        return None
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    return RichProgressBar()
