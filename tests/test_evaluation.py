@@ -193,3 +193,17 @@ def test_writing_plots_leaves_the_users_matplotlib_backend_alone(tmp_path: Path)
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "plot.png")], check=True)
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_validation_and_test_split_of_one_image_gets_its_report(tmp_path: Path) -> None:
+    # torchmetrics squeezes a one-element epoch result to a scalar: one binary image's logit and target.
+    torch.manual_seed(0)
+    model = TransferModule(TinyBackbone(), num_classes=2, task="binary", class_names=["cat", "dog"],
+                           calibration="temperature", threshold="max_f1")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[saver], num_sanity_val_steps=0)
+    trainer.fit(model, binary_loader(16, 0), binary_loader(1, 1))
+    trainer.test(model, binary_loader(1, 2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+    rows = list(csv.reader((tmp_path / "ckpt" / "test_confusion.csv").open()))
+    assert sum(int(v) for r in rows[1:] for v in r[1:]) == 1

@@ -29,6 +29,7 @@ class PredictionStore(Metric):
         self.add_state("target", default=[], dist_reduce_fx="cat")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self._trailing = tuple(logits.shape[1:])  # (1,) for binary, (C,): restored by epoch()
         self.logits.append(logits.detach().float())
         self.target.append(target.detach())
 
@@ -36,6 +37,15 @@ class PredictionStore(Metric):
         if isinstance(self.logits, list) and not self.logits:  # after a DDP sync the states are tensors
             return torch.empty(0), torch.empty(0, dtype=torch.long)
         return dim_zero_cat(self.logits), dim_zero_cat(self.target)
+
+    def epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compute` with an epoch of one sample kept one-dimensional (torchmetrics squeezes any one-element
+        result of ``compute`` to a scalar: one image's binary logit and target)."""
+        logits, target = self.compute()
+        target = target.reshape(-1)
+        if logits.numel() and logits.shape[1:] != getattr(self, "_trailing", logits.shape[1:]):
+            logits = logits.reshape(target.numel(), *self._trailing)
+        return logits, target
 
 
 class Decision:

@@ -48,7 +48,7 @@ class EvaluationHooks(Callback):
             return
         owner: Any = self.owner
         self.log_epoch("val")
-        logits, target = owner.metrics.val_store.compute()
+        logits, target = owner.metrics.val_store.epoch()
         owner.metrics.val_store.reset()
         if trainer.sanity_checking:
             return
@@ -74,7 +74,7 @@ class EvaluationHooks(Callback):
             return
         self.log_epoch("test")
         owner: Any = self.owner
-        logits, target = owner.metrics.test_store.compute()
+        logits, target = owner.metrics.test_store.epoch()
         owner.metrics.test_store.reset()
         self.write(trainer, "test", logits.cpu(), target.cpu())
 
