@@ -143,3 +143,14 @@ def test_sigterm_to_transfer_lit_predict_keeps_the_rows_and_exits_143(tmp_path: 
     text = log.read_text()
     assert "Traceback" not in text and "SIGTERM: predict stops after this batch" in text and not output.exists()
     assert not list(tmp_path.glob(".predictions.csv.*"))  # no temporary file left
+
+
+def test_a_folder_as_the_output_is_refused_before_predicting(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    model = TransferModule(TinyBackbone(), num_classes=3, class_names=["a", "b", "c"])
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[CSVPredictionWriter(str(folder))])
+    with pytest.raises(ValueError, match=r"prediction_writer.output='.*results' is a folder; give a file name"):
+        trainer.predict(model, DataLoader(Named(), batch_size=2), return_predictions=False)
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results"]

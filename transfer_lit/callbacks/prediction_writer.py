@@ -62,6 +62,9 @@ class CSVPredictionWriter(BasePredictionWriter):
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = Path(self.output)
+        if path.is_dir():  # found before any prediction is made, not when the finished file is renamed onto it
+            raise ValueError(f"prediction_writer.output={self.output!r} is a folder; give a file name, e.g. "
+                             f"{str(path / 'predictions.csv')!r}")
         if trainer.global_rank > 0:
             path = path.with_suffix(f".rank{trainer.global_rank}{path.suffix}")
         try:
