@@ -32,6 +32,7 @@ from transfer_lit.data.decode import (
     scan_images,
 )
 from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
+from transfer_lit.data.held_out import split_record
 from transfer_lit.data.reader import ImageReader, default_num_workers
 from transfer_lit.data.splits import index_splits, list_images
 from transfer_lit.data.stages import check_fractions, model_class_names
@@ -142,7 +143,9 @@ class ImageDataModule(LabelledDataModule):
         # Without training data the labels are numbered by the model's classes, known at `setup`.
         self._deferred = None if root is not None or train_csv is not None else index
         if self._deferred is None:
-            self.class_names, self.splits = index_splits(*index)
+            carved: list[str] = []
+            self.class_names, self.splits = index_splits(*index, carved=carved)
+            self.held_out = split_record(self.splits, carved, seed, val_fraction, test_fraction, root)
 
     def resolved_preprocessing(self) -> ImagePreprocessing:
         """Explicit ``preprocessing`` if given, else the attached module's (its checkpoint's, once restored)."""

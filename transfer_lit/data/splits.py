@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -107,7 +108,13 @@ def scan_class_folders(root: Path, key: str, ignored: list[Path] | None = None) 
 
 
 def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
-    """Rows ``(path, label)`` of a CSV with a ``path,label`` header; relative paths are resolved against its folder."""
+    """Rows ``(path, label)`` of a CSV with a ``path,label`` header; relative paths are resolved against its folder.
+
+    Paths and labels are stripped of surrounding whitespace (``cat `` is ``cat``); an exact duplicate row is kept once.
+
+    Raises:
+        ValueError: on an empty label, or a path listed with two different labels.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r}: no such file")
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel writes
@@ -115,14 +122,40 @@ def read_csv(path: Path, key: str) -> list[tuple[Path, str]]:
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{key}={str(path)!r} must have a header with columns 'path' and 'label', "
                              f"got {reader.fieldnames}")
-        rows = [(path.parent / row["path"], row["label"]) for row in reader]
-    if not rows:
+        lines = [((row["path"] or "").strip(), (row["label"] or "").strip(), reader.line_num) for row in reader]
+    if not lines:
         raise ValueError(f"{key}={str(path)!r} has a header but no rows")
+    rows = [(path.parent / file, label) for file, label in _unique_rows(lines, path, key)]
     missing = [str(p) for p, _ in rows if not p.is_file()]
     if missing:
         raise FileNotFoundError(
             f"{key}={str(path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}")
     return rows
+
+
+def _unique_rows(lines: list[tuple[str, str, int]], path: Path, key: str) -> list[tuple[str, str]]:
+    """``(path, label)`` of ``(path, label, line)`` rows, each once; an empty label or a path with two labels is an
+    error naming the CSV's lines."""
+    split = key.removeprefix("data.").removesuffix("_csv")
+    empty = [f"{path}:{line}" for _, label, line in lines if not label]
+    if empty:
+        raise ValueError(f"data: {len(empty)} {split} row(s) of {key} have an empty or whitespace-only label: "
+                         f"{', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else ""))
+    seen: dict[str, tuple[str, int]] = {}
+    repeated: list[str] = []
+    for file, label, line in lines:
+        name = os.path.normpath(file)
+        if name not in seen:
+            seen[name] = (label, line)
+        elif seen[name][0] != label:
+            raise ValueError(f"{key}={str(path)!r} lists {file!r} with two labels: {seen[name][0]!r} "
+                             f"({path}:{seen[name][1]}) and {label!r} ({path}:{line}); give each image one label")
+        else:
+            repeated.append(f"{path}:{line}")
+    if repeated:
+        rank_zero_info(f"transfer_lit data: {key}={str(path)!r} repeats {len(repeated)} row(s) (same path and "
+                       f"label), each used once: {', '.join(repeated[:3])}" + (" ..." if len(repeated) > 3 else ""))
+    return [(file, label) for file, (label, _) in seen.items()]
 
 
 def stratified_split(by_class: dict[str, list[_Item]], fraction: float, seed: int
@@ -148,12 +181,14 @@ def few_shot(by_class: dict[str, list[_Item]], samples_per_class: int, seed: int
 
 
 def carve_held_out(groups: dict[str, dict[str, list[_Item]]], val_fraction: float, test_fraction: float, seed: int
-                   ) -> None:
+                   ) -> list[str]:
     """Hold out of ``groups["train"]`` (in place) the splits that have no data of their own: a seeded, stratified
     ``test_fraction`` (when > 0), then ``val_fraction``; both are shares of the training data as given, and the
-    same files and seed always give the same three splits (``fit`` never sees the test part, ``test`` reads it)."""
+    same files and seed always give the same three splits (``fit`` never sees the test part, ``test`` reads it).
+    Returns the names of the splits it held out."""
     if "train" not in groups:
-        return
+        return []
+    carved = []
     share = val_fraction
     if test_fraction > 0:
         if "test" in groups:
@@ -161,9 +196,11 @@ def carve_held_out(groups: dict[str, dict[str, list[_Item]]], val_fraction: floa
                              f"data has a test split of its own (a test/ folder under data.root, or data.test_csv); "
                              f"set data.test_fraction=0, or leave the test data out")
         groups["train"], groups["test"] = stratified_split(groups["train"], test_fraction, seed)
-        share = val_fraction / (1 - test_fraction)
+        share, carved = val_fraction / (1 - test_fraction), ["test"]
     if "val" not in groups:
         groups["train"], groups["val"] = stratified_split(groups["train"], share, seed)
+        carved.append("val")
+    return carved
 
 
 def number_labels(groups: dict[str, dict[str, list[_Item]]], class_names: list[str], from_model: bool,
@@ -188,11 +225,13 @@ def number_labels(groups: dict[str, dict[str, list[_Item]]], class_names: list[s
 
 def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, test_csv: str | None,
                  val_fraction: float, samples_per_class: int | None, seed: int, test_fraction: float = 0.0,
-                 class_names: list[str] | None = None) -> tuple[list[str], dict[str, list[Sample]]]:
+                 class_names: list[str] | None = None, carved: list[str] | None = None
+                 ) -> tuple[list[str], dict[str, list[Sample]]]:
     """``(class names, {split: [(path, class index)]})`` of ``ImageDataModule``'s arguments of the same names.
 
     A ``val_csv`` / ``test_csv`` gives its split even with ``root`` (instead of the root's ``val/`` / ``test/``).
     ``class_names`` (the model's) number the labels instead of the training data's, which is then not needed.
+    The names of the splits held out of the training data (``val_fraction``, ``test_fraction``) go to ``carved``.
     """
     folders: dict[str, dict[str, list[Path]]] = {}
     ignored: list[Path] = []
@@ -223,7 +262,9 @@ def index_splits(root: str | None, train_csv: str | None, val_csv: str | None, t
     if "train" not in folders and class_names is None:
         raise ValueError("give exactly one of data.root or data.train_csv (without training data, the model's "
                          "class_names number the labels)")
-    carve_held_out(folders, val_fraction, test_fraction, seed)
+    held_out = carve_held_out(folders, val_fraction, test_fraction, seed)
+    if carved is not None:
+        carved += held_out
     if samples_per_class is not None and "train" in folders:
         folders["train"] = few_shot(folders["train"], samples_per_class, seed, "data.samples_per_class")
     names = list(class_names) if class_names is not None else sorted(folders["train"])

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from transfer_lit.data.base import LabelledDataModule
 from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
+from transfer_lit.data.held_out import split_record
 from transfer_lit.data.splits import carve_held_out, few_shot, number_labels, split_folders, stratified_split
 from transfer_lit.data.stages import check_fractions, model_class_names
 from transfer_lit.data.text_batches import LengthBucketSampler, TextCollator, TokenizedTexts
@@ -161,7 +162,7 @@ class TextDataModule(LabelledDataModule):
                 rows[split] = self._read(f"data.{split}_csv", path)
         rows = {split: check_texts(r, self.bad_texts, split) for split, r in rows.items()}
         grouped = {split: _by_class(r) for split, r in rows.items()}
-        carve_held_out(grouped, val_fraction, test_fraction, self.seed)
+        carved = carve_held_out(grouped, val_fraction, test_fraction, self.seed)
         self.class_names = list(class_names) if class_names is not None else _class_order(set(grouped["train"]))
         if train_samples is not None and "train" in grouped:
             grouped["train"] = _subsample(grouped["train"], train_samples, self.seed)
@@ -169,6 +170,7 @@ class TextDataModule(LabelledDataModule):
             grouped["train"] = few_shot(grouped["train"], samples_per_class, self.seed, "data.samples_per_class")
         # Evaluation splits interleave the classes: the sanity check and limit_val_batches then see all of them.
         self.splits = number_labels(grouped, self.class_names, class_names is not None, noun="labels")
+        self.held_out = split_record(self.splits, carved, self.seed, val_fraction, test_fraction)
         counts = {s: len(v) for s, v in self.splits.items()}
         for split, samples in self.splits.items():
             if not samples:
