@@ -25,23 +25,24 @@ from transfer_lit.compare import compare  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "hymenoptera_256"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, data: Path = DATA, name: str = "compare_hymenoptera", epochs: int = 3,
+         doc: str | None = __doc__, extra: tuple[str, ...] = ()) -> dict:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--crop", type=int, default=160)
-    parser.add_argument("--output_dir", default="outputs/compare_hymenoptera")
+    parser.add_argument("--output_dir", default=f"outputs/{name}")
     args = parser.parse_args(argv)
-    if not DATA.is_dir():
-        parser.error(f"{DATA} not found (the ../shared data folder)")
+    if not data.is_dir():
+        parser.error(f"{data} not found (the ../shared data folder)")
     resize = round(args.crop * 256 / 224)
     start = time.perf_counter()
-    summary = compare(str(DATA), ["linear_probe", "finetune", "progressive"], seeds=args.seeds, epochs=args.epochs,
+    summary = compare(str(data), ["linear_probe", "finetune", "progressive"], seeds=args.seeds, epochs=args.epochs,
                       output_dir=args.output_dir,
                       extra=["--model.preprocessing", f"{{crop_size: {args.crop}, resize_size: {resize}}}",
-                             "--trainer.enable_model_summary", "false"])
+                             "--trainer.enable_model_summary", "false", *extra])
     print((Path(args.output_dir) / "compare.md").read_text())
-    print(f"compare_hymenoptera: {time.perf_counter() - start:.0f} s in all")
+    print(f"{name}: {time.perf_counter() - start:.0f} s in all")
     print(json.dumps(summary))
     return summary
 
