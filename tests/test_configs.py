@@ -125,7 +125,7 @@ def test_finetune_is_the_classic_recipe(tmp_path: Path) -> None:
     assert type(config["optimizer"]) is torch.optim.AdamW
     assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["head"]["weight_decay"] == pytest.approx(0.01)
     backbone = [g for name, g in groups.items() if name.startswith("backbone.") and not name.endswith("no_decay")]
-    assert backbone and all(g["lr"] == pytest.approx(1e-5) and g["weight_decay"] == pytest.approx(0.01)
+    assert backbone and all(g["lr"] == pytest.approx(1e-4) and g["weight_decay"] == pytest.approx(0.01)
                             for g in backbone)
     assert all(g["weight_decay"] == 0 for name, g in groups.items() if name.endswith("no_decay"))
     scheduler = config["lr_scheduler"]["scheduler"]
