@@ -183,7 +183,11 @@ def test_csv_errors(problem: str, images: Path, tmp_path: Path, capsys: pytest.C
 
     train = write("train.csv", [(str(p.relative_to(images)), p.parent.name) for p in (images / "train").rglob("*.png")])
     val_rows = [(str(p.relative_to(images)), p.parent.name) for p in (images / "val").rglob("*.png")]
-    val_rows.append(("val/red/missing.png", "red") if problem == "unknown path" else (val_rows[0][0], "purple"))
+    if problem == "unknown path":
+        val_rows.append(("val/red/missing.png", "red"))
+    else:  # another image (one path with two labels is an error of its own)
+        shutil.copyfile(images / val_rows[0][0], images / "val" / "extra.png")
+        val_rows.append(("val/extra.png", "purple"))
     val = write("val.csv", val_rows)
     args = fit_args(images, tmp_path)
     args[args.index("--data.root") : args.index("--data.root") + 2] = ["--data.train_csv", str(train),
