@@ -36,7 +36,6 @@ writes a checkpoint, and Lightning does not save RNG states. :class:`FaultTolera
 
 from __future__ import annotations
 
-import contextlib
 import signal
 from pathlib import Path
 from types import FrameType
@@ -49,6 +48,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from transfer_lit.callbacks.signals import give_back, take_signals
 from transfer_lit.checkpoints.locate import checkpoint_dir
 from transfer_lit.checkpoints.rng import capture_rng_of_ranks, restore_rng_of_rank
 
@@ -103,13 +103,7 @@ class FaultTolerance(Callback):
         self.interrupted_by, self.checkpoint_path, self._requested, self._agreed = None, None, 0, False
         self._trainer = trainer
         # Lightning installed its SIGTERM handler just before this hook: ours replaces it until training ends.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is signal.SIG_IGN:  # started with nohup / as a background job: respect it
-                continue
-            try:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-            except ValueError:  # not the main thread: leave signals alone
-                return
+        self._previous = take_signals(self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler runs between two bytecodes, wherever this rank is: no collective here, only a note.
@@ -168,9 +162,7 @@ class FaultTolerance(Callback):
             self._agree(trainer)
 
     def _restore_signals(self) -> None:
-        for signum, handler in self._previous.items():
-            with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(signum, handler)
+        give_back(self._previous)
         self._previous = {}
         self._trainer = None
 

@@ -3,7 +3,6 @@ probability of every class."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import signal
@@ -17,6 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from transfer_lit.callbacks.signals import give_back, take_signals
 from transfer_lit.checkpoints.io import temp_path
 from transfer_lit.errors import storage_error
 from transfer_lit.evaluation.calibration import per_class
@@ -54,9 +54,7 @@ class CSVPredictionWriter(BasePredictionWriter):
               file=sys.stderr)
 
     def _restore_signals(self) -> None:
-        for signum, handler in self._previous.items():
-            with contextlib.suppress(ValueError):
-                signal.signal(signum, handler)
+        give_back(self._previous)
         self._previous = {}
 
     @override
@@ -77,13 +75,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         except OSError as error:  # read-only folder, no permission, full disk: before any prediction is made
             raise storage_error(path, error) from error
         self._path, self._temp, self._rows, self._signal = path, temp, 0, None
-        for signum in (signal.SIGTERM, signal.SIGINT):  # Lightning's own SIGTERM handler only stops training
-            if signal.getsignal(signum) is signal.SIG_IGN:  # started with nohup / as a background job: respect it
-                continue
-            try:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-            except ValueError:  # not the main thread: leave signals alone
-                break
+        self._previous = take_signals(self._on_signal)  # Lightning's own SIGTERM handler only stops training
 
     @override
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,

@@ -27,9 +27,10 @@ class PredictionStore(Metric):
         super().__init__(**kwargs)
         self.add_state("logits", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")
+        self._trailing: tuple[int, ...] | None = None  # a logit's shape: (1,) binary, (C,); restored by epoch()
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self._trailing = tuple(logits.shape[1:])  # (1,) for binary, (C,): restored by epoch()
+        self._trailing = tuple(logits.shape[1:])
         self.logits.append(logits.detach().float())
         self.target.append(target.detach())
 
@@ -43,7 +44,7 @@ class PredictionStore(Metric):
         result of ``compute`` to a scalar: one image's binary logit and target)."""
         logits, target = self.compute()
         target = target.reshape(-1)
-        if logits.numel() and logits.shape[1:] != getattr(self, "_trailing", logits.shape[1:]):
+        if logits.numel() and self._trailing is not None and logits.shape[1:] != self._trailing:
             logits = logits.reshape(target.numel(), *self._trailing)
         return logits, target
 
