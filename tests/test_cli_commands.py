@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import COLORS, make_image_folder
+from test_errors import cli_error
 
 from transfer_lit import ImageDataModule
 from transfer_lit.cli import main
@@ -54,16 +55,6 @@ def report_support(out: str) -> dict[str, int]:
                                                                             "support"])
     rows = [line.split() for line in lines[header + 1:header + 1 + len(CLASSES)]]
     return {row[0]: int(row[4]) for row in rows}
-
-
-def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2, err[-3000:]
-    assert "Traceback" not in err
-    return err[err.index("transfer-lit: error: "):]
 
 
 @pytest.fixture(scope="module")
