@@ -131,4 +131,22 @@ def test_every_fit_gets_the_same_budget_of_epochs_time_and_patience(tmp_path: Pa
     assert summary["budget"]["max_minutes"] == 0.0001 and summary["strategies"]["linear_probe"]["epochs_mean"] < 300
     with pytest.raises(SystemExit) as stop:
         main([*args, "--patience", "0", "--output_dir", str(tmp_path / "bad")])
-    assert stop.value.code == 2 and "compare --patience must be >= 1 epoch, got 0" in capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --patience: '0' is not a positive int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--recipe", "finetune"], "argument --recipe: 'finetune' is not STRATEGY=FILE"),
+    (["--backbone_lr_mults", "0.1,x"], "argument --backbone_lr_mults: 'x' is not a positive float"),
+    (["--backbone_lr_mults", "0.1,0"], "argument --backbone_lr_mults: '0' is not a positive float"),
+    (["--samples_per_class", "1,0"], "argument --samples_per_class: '0' is not a positive int"),
+    (["--seeds", "0"], "argument --seeds: '0' is not a positive int"),
+    (["--max_minutes", "-1"], "argument --max_minutes: '-1' is not a positive float"),
+])
+def test_bad_compare_options_are_one_message_before_any_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             args: list[str], message: str) -> None:
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 2})
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--data.root", str(images), "--output_dir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before the split or any fit

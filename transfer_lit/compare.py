@@ -34,6 +34,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,31 +232,59 @@ def budget_args(max_minutes: float | None, patience: int | None) -> list[str]:
     return args
 
 
+def positive(kind: type[float] | type[int]) -> Callable[[str], Any]:
+    """An argparse ``type``: a number of ``kind`` above 0, else the value received and what is valid."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+    return parse
+
+
+def listed(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type``: comma-separated values, each parsed by ``item``."""
+    return lambda text: tuple(item(part) for part in text.split(","))
+
+
+def recipe_file(text: str) -> tuple[str, str]:
+    """``--recipe STRATEGY=FILE`` as ``(strategy, file)``."""
+    strategy, equals, file = text.partition("=")
+    if not equals or not strategy or not file:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STRATEGY=FILE (e.g. finetune=my_finetune.yaml); "
+                                         f"strategies: {sorted(RECIPES)}")
+    return strategy, file
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """``transfer-lit compare ...``: prints the table and the winning recipe, last line the JSON summary."""
     parser = argparse.ArgumentParser(prog="transfer-lit compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data.root", dest="root", required=True)
     parser.add_argument("--strategies", default="linear_probe,finetune,progressive")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--max_minutes", type=float, default=None, help="wall-time budget of every fit, in minutes")
-    parser.add_argument("--patience", type=int, default=None,
+    parser.add_argument("--seeds", type=positive(int), default=3)
+    parser.add_argument("--epochs", type=positive(int), default=5)
+    parser.add_argument("--max_minutes", type=positive(float), default=None,
+                        help="wall-time budget of every fit, in minutes")
+    parser.add_argument("--patience", type=positive(int), default=None,
                         help="stop a fit after this many epochs without a better selection accuracy")
-    parser.add_argument("--backbone_lr_mults", default="0.01,0.1,1")
+    parser.add_argument("--backbone_lr_mults", type=listed(positive(float)), default=(0.01, 0.1, 1.0),
+                        metavar="M[,M...]")
     parser.add_argument("--output_dir", default="outputs/compare")
-    parser.add_argument("--recipe", action="append", default=[], metavar="STRATEGY=FILE")
-    parser.add_argument("--samples_per_class", default=None, metavar="K[,K...]",
+    parser.add_argument("--recipe", action="append", type=recipe_file, default=[], metavar="STRATEGY=FILE")
+    parser.add_argument("--samples_per_class", type=listed(positive(int)), default=None, metavar="K[,K...]",
                         help="few-shot protocol: compare at each k training images per class (e.g. 1,5,10,40)")
     own, extra = parser.parse_known_args(argv)
-    recipes = dict(item.split("=", 1) for item in own.recipe)
     options = {"epochs": own.epochs, "max_minutes": own.max_minutes, "patience": own.patience,
-               "backbone_lr_mults": tuple(float(m) for m in own.backbone_lr_mults.split(",")),
-               "recipes": recipes, "extra": [a for a in extra if a != "--"]}
+               "backbone_lr_mults": own.backbone_lr_mults, "recipes": dict(own.recipe),
+               "extra": [a for a in extra if a != "--"]}
     if own.samples_per_class:
         from transfer_lit.few_shot import few_shot  # it runs compare() at each k
 
-        result = few_shot(own.root, [int(k) for k in own.samples_per_class.split(",")], own.strategies.split(","),
+        result = few_shot(own.root, list(own.samples_per_class), own.strategies.split(","),
                           own.seeds, own.output_dir, **options)
         print((Path(own.output_dir) / "few_shot.md").read_text())
         print(json.dumps(result))
