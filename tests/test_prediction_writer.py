@@ -18,7 +18,7 @@ from conftest import TinyBackbone, make_image_folder
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_lit import CSVPredictionWriter, TransferModule
+from transfer_lit import CSVPredictionWriter, ImageDataModule, TransferModule
 
 TESTS = Path(__file__).resolve().parent
 
@@ -154,3 +154,51 @@ def test_a_folder_as_the_output_is_refused_before_predicting(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"prediction_writer.output='.*results' is a folder; give a file name"):
         trainer.predict(model, DataLoader(Named(), batch_size=2), return_predictions=False)
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def _predict_folder(tmp_path: Path, callbacks: list[Any]) -> Path:
+    """``trainer.predict`` over a folder of 4 images, a text file, a broken link and an image that is no image."""
+    folder = make_image_folder(tmp_path / "new", {"predict": 1}, size=16) / "predict"
+    (folder / "blue" / "notes.txt").write_text("not an image")
+    (folder / "green" / "broken.png").write_bytes(b"these are not pixels")
+    (folder / "red" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    data = ImageDataModule(predict_root=str(folder), batch_size=2, num_workers=0, bad_images="skip")
+    model = TransferModule(TinyBackbone(), num_classes=3, class_names=["a", "b", "c"])
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=callbacks)
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    return folder
+
+
+def test_the_inputs_predict_skips_are_counted_named_and_listed(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """They were left out without a word (no image extension) or in a warning (unreadable)."""
+    output = tmp_path / "predictions.csv"
+    folder = _predict_folder(tmp_path, [CSVPredictionWriter(str(output))])
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if "skipped" in line]
+    listing = tmp_path / "predictions.skipped.csv"
+    assert lines == [f"transfer_lit: predict skipped 3 of 6 file(s) (broken symbolic link: 1; not an image (.txt): 1; "
+                     f"unreadable image: 1): {folder}/blue/notes.txt, {folder}/green/broken.png, {folder}/red/gone.jpg"
+                     f"; the full list is in {listing}"]
+    with listing.open(newline="") as f:
+        assert list(csv.reader(f)) == [["file", "reason"], [f"{folder}/blue/notes.txt", "not an image (.txt)"],
+                                       [f"{folder}/green/broken.png", "unreadable image"],
+                                       [f"{folder}/red/gone.jpg", "broken symbolic link"]]
+    with output.open(newline="") as f:
+        assert len(list(csv.reader(f))) == 1 + 3
+
+    for bad in ("blue/notes.txt", "green/broken.png", "red/gone.jpg"):  # nothing skipped: no line, no stale list
+        (folder / bad).unlink()
+    data = ImageDataModule(predict_root=str(folder), batch_size=2, num_workers=0)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[CSVPredictionWriter(str(output))])
+    trainer.predict(TransferModule(TinyBackbone(), num_classes=3), datamodule=data, return_predictions=False)
+    assert "skipped" not in capsys.readouterr().err and not listing.exists()
+
+
+def test_without_the_writer_the_data_module_says_what_predict_skipped(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _predict_folder(tmp_path, [])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert line.startswith("transfer_lit: predict skipped 3 of 6 file(s) (") and f"{folder}/red/gone.jpg" in line

@@ -1,4 +1,5 @@
-"""What callbacks, data modules, the feature cache and the LR finder may rely on of the LightningModule.
+"""What callbacks, data modules, the feature cache and the LR finder may rely on of the LightningModule (and the
+prediction writer of the data module: :class:`SkipsInputs`).
 
 Each is a ``runtime_checkable`` protocol: its users check ``isinstance(module, Protocol)`` once and then
 use only what it declares; :class:`~transfer_lit.TransferModule` implements them all. A research
@@ -42,6 +43,16 @@ class Classifier(Protocol):
     class_names: list[str]
     num_classes: int
     task: str
+
+
+@runtime_checkable
+class SkipsInputs(Protocol):
+    """A data module that may leave predict inputs out (files that are no images, unreadable ones): the prediction
+    writer reports them."""
+
+    def take_skipped_inputs(self) -> dict[str, str]:
+        """``{input: why it was left out}`` of the predict inputs read; the caller reports them, the data module
+        then does not."""
 
 
 @runtime_checkable

@@ -18,9 +18,10 @@ from typing_extensions import override
 
 from transfer_lit.callbacks.signals import give_back, take_signals
 from transfer_lit.checkpoints.io import temp_path
+from transfer_lit.data.skipped import describe_skipped
 from transfer_lit.errors import storage_error
 from transfer_lit.evaluation.calibration import per_class
-from transfer_lit.protocols import Classifier
+from transfer_lit.protocols import Classifier, SkipsInputs
 
 
 class CSVPredictionWriter(BasePredictionWriter):
@@ -34,7 +35,9 @@ class CSVPredictionWriter(BasePredictionWriter):
     Args:
         output: CSV path; columns ``file`` (or ``text``: the data module's ``prediction_column``), ``prediction``,
             ``probability`` (of the prediction), then ``p_<class>`` for every class (multilabel: each label's own
-            probability, ``prediction`` the most probable label).
+            probability, ``prediction`` the most probable label). Inputs the data module left out (files that are no
+            images, unreadable ones under ``data.bad_images: skip``) are counted in one line at the end and listed
+            in ``<output stem>.skipped.csv``.
     """
 
     def __init__(self, output: str = "predictions.csv") -> None:
@@ -107,6 +110,20 @@ class CSVPredictionWriter(BasePredictionWriter):
         self._temp = None
         if trainer.is_global_zero:
             print(f"transfer_lit: predictions written to {self._path}")
+        self._report_skipped(getattr(trainer, "datamodule", None))
+
+    def _report_skipped(self, data: Any) -> None:
+        """One line naming the first inputs the data module left out, all of them in ``<output stem>.skipped.csv``
+        (``file,reason``); an earlier run's list goes when nothing was left out."""
+        assert self._path is not None
+        skipped = data.take_skipped_inputs() if isinstance(data, SkipsInputs) else {}
+        listing = self._path.with_name(f"{self._path.stem}.skipped.csv")
+        if not skipped:
+            listing.unlink(missing_ok=True)
+            return
+        with listing.open("w", newline="") as f:
+            csv.writer(f).writerows([("file", "reason"), *skipped.items()])
+        print(describe_skipped(skipped, self._rows + len(skipped), listing), file=sys.stderr)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -13,7 +13,6 @@ data always matches the checkpoint.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from transfer_lit.data.decode import (
 from transfer_lit.data.feature_cache import CacheFeatures, FeatureCache, FeatureDataset, resolve_cache_features
 from transfer_lit.data.held_out import split_record
 from transfer_lit.data.reader import ImageReader, default_num_workers
+from transfer_lit.data.skipped import SkippedFiles
 from transfer_lit.data.splits import index_splits, list_images
 from transfer_lit.data.stages import check_fractions, model_class_names
 from transfer_lit.preprocessing import (
@@ -137,7 +137,7 @@ class ImageDataModule(LabelledDataModule):
         self.feature_cache = FeatureCache(feature_cache_dir)
         self.splits: dict[str, list[Sample]] = {}
         self.class_names: list[str] = []
-        self._read: list[tuple[str, ImageDataset]] = []  # datasets of the current stage, for the skipped-images report
+        self.skipped = SkippedFiles()  # what the current stage left out, reported at its end
         self._logged_preprocessing = False
         index = (root, train_csv, val_csv, test_csv, val_fraction, samples_per_class, seed, test_fraction)
         # Without training data the labels are numbered by the model's classes, known at `setup`.
@@ -165,7 +165,8 @@ class ImageDataModule(LabelledDataModule):
         return module.preprocessing
 
     def setup(self, stage: str) -> None:
-        self._read, self._logged_preprocessing = [], False
+        self._logged_preprocessing = False
+        self.skipped.clear()
         if self._deferred is not None and stage != "predict" and any(self._deferred[2:4]):  # val_csv, test_csv
             self.class_names, self.splits = index_splits(*self._deferred, class_names=model_class_names(self))
         if self.scan:
@@ -173,22 +174,14 @@ class ImageDataModule(LabelledDataModule):
 
     def skipped_images(self) -> dict[str, list[str]]:
         """``{split: files}`` that ``bad_images='skip'`` left out while reading the current stage's data."""
-        skipped: dict[str, set[str]] = defaultdict(set)
-        for split, dataset in self._read:
-            skipped[split].update(dataset.skipped_paths())
-        order = ["train", "val", "test", "predict"]
-        return {split: sorted(skipped[split]) for split in sorted(skipped, key=order.index) if skipped[split]}
+        return self.skipped.unreadable()
+
+    def take_skipped_inputs(self) -> dict[str, str]:
+        """``{file: why}`` of the ``predict_root`` files left out (no image, unreadable); the caller reports them."""
+        return self.skipped.take()
 
     def teardown(self, stage: str) -> None:
-        skipped = self.skipped_images()
-        if skipped:
-            files = sorted({p for paths in skipped.values() for p in paths})
-            per_split = {split: len(paths) for split, paths in skipped.items()}
-            rank_zero_warn(
-                f"transfer_lit data: data.bad_images='skip' left out {len(files)} unreadable image(s) during "
-                f"{getattr(stage, 'value', stage)} {per_split}: {files[:10]}; data.scan=true lists them all before "
-                f"training"
-            )
+        self.skipped.report(getattr(stage, "value", stage))
 
     def scan_bad_images(self) -> list[BadImageError]:
         """Decode every image once; apply the ``bad_images`` policy to all failures at once."""
@@ -220,7 +213,7 @@ class ImageDataModule(LabelledDataModule):
                      else build_eval_transform(p, normalize))
         reader = ImageReader(p, self.reduced_decode, self.cache_dir)
         images = ImageDataset(self.splits[split], transform, self.bad_images, loader=reader)
-        self._read.append((split, images))
+        self.skipped.read(split, images)
         if cached and isinstance(module, FeatureCacheable):
             loader_kwargs = {"batch_size": self.batch_size, "num_workers": self.loader_workers(),
                              "collate_fn": collate_skipping_bad, "pin_memory": torch.cuda.is_available()}
@@ -279,11 +272,14 @@ class ImageDataModule(LabelledDataModule):
         root = Path(self.predict_root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"data.predict_root={self.predict_root!r}: no such directory")
-        files = list_images(root)
+        passed_over: list[Path] = []
+        files = list_images(root, passed_over)
         if not files:
             raise ValueError(f"data.predict_root={self.predict_root!r} holds no images ({list(IMAGE_EXTENSIONS)})")
         p = self.resolved_preprocessing()
         dataset = ImageDataset([(str(f), -1) for f in files], build_eval_transform(p, not self.normalize_on_device),
                                self.bad_images, return_path=True, loader=ImageReader(p, self.reduced_decode))
-        self._read.append(("predict", dataset))
+        self.skipped.read("predict", dataset)
+        if self.trainer is None or self.trainer.is_global_zero:  # every rank lists the same files: report them once
+            self.skipped.pass_over(passed_over)
         return self._dataloader(dataset, shuffle=False)
