@@ -27,10 +27,8 @@ from transfer_lit.callbacks.learning_rates import LearningRates
 from transfer_lit.checkpoints import (
     AtomicCheckpointIO,
     check_config_files,
-    checkpoint_folders,
-    find_last_checkpoint,
     load_torch_file,
-    remove_stale_temps,
+    resolve_last_checkpoint,
     resume_command,
     with_checkpoint_model,
 )
@@ -190,25 +188,6 @@ class TransferCLI(LightningCLI):
         callbacks = [c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, tuple(unwanted))]
         self.trainer_defaults["callbacks"] = callbacks + [bar for bar in [progress_bar(trainer)] if bar is not None]
 
-    def _resolve_last_checkpoint(self) -> None:
-        # Partial writes of killed processes, in this configuration's every version folder (18 MB+ each).
-        if self.trainer.is_global_zero:
-            for folder in checkpoint_folders(self.trainer):
-                for temp in remove_stale_temps(folder):
-                    print(f"transfer-lit: removed {temp}, the partial write of a killed process", file=sys.stderr)
-        # Lightning looks for "last" only in this run's new (empty) logger version folder; look in earlier ones.
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        found = find_last_checkpoint(self.trainer)
-        if found is None and self.subcommand != "fit":  # Lightning would go on with the untrained weights
-            raise FileNotFoundError(f"--ckpt_path last: no checkpoint to {self.subcommand} in this run's folders "
-                                    f"(trainer.default_root_dir={self.trainer.default_root_dir!r}); fit first, or give "
-                                    f"the checkpoint's path")
-        if found is not None:
-            print(f"transfer-lit: --ckpt_path last = {found}", file=sys.stderr)
-            config["ckpt_path"] = str(found)
-
     def before_fit(self) -> None:
         if self.config_init[self.subcommand].get("print_schedule"):
             unfreezing = [c for c in getattr(self.trainer, "callbacks", []) if isinstance(c, ProgressiveUnfreezing)]
@@ -218,7 +197,7 @@ class TransferCLI(LightningCLI):
                 print(callback.plan(self.model) + "\n\n# give it back with --config (edit the blocks):\n"
                       + callback.schedule_yaml())
             sys.exit(0)
-        self._resolve_last_checkpoint()
+        resolve_last_checkpoint(self.trainer, self.config_init[self.subcommand], self.subcommand)
         continue_run(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))  # in the checkpoint's folder
 
     def after_fit(self) -> None:
@@ -233,7 +212,7 @@ class TransferCLI(LightningCLI):
             print(f"transfer-lit: best checkpoint {best_path}")
 
     def before_validate(self) -> None:
-        self._resolve_last_checkpoint()
+        resolve_last_checkpoint(self.trainer, self.config_init[self.subcommand], self.subcommand)
 
     before_test = before_predict = before_validate
 

@@ -10,7 +10,13 @@ from transfer_lit.checkpoints.io import (
     remove_stale_temps,
     temp_path,
 )
-from transfer_lit.checkpoints.locate import checkpoint_dir, checkpoint_folders, find_last_checkpoint, resume_command
+from transfer_lit.checkpoints.locate import (
+    checkpoint_dir,
+    checkpoint_folders,
+    find_last_checkpoint,
+    resolve_last_checkpoint,
+    resume_command,
+)
 from transfer_lit.checkpoints.rng import capture_rng, capture_rng_of_ranks, restore_rng, restore_rng_of_rank
 from transfer_lit.checkpoints.state import restore_transfer_state, save_transfer_state
 
@@ -27,6 +33,7 @@ __all__ = [
     "find_last_checkpoint",
     "load_torch_file",
     "remove_stale_temps",
+    "resolve_last_checkpoint",
     "restore_rng",
     "restore_rng_of_rank",
     "restore_transfer_state",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from transfer_lit.checkpoints.io import remove_stale_temps
 
 
 def checkpoint_dir(trainer: Trainer) -> Path:
@@ -40,6 +44,31 @@ def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ck
     candidates = [p for folder in checkpoint_folders(trainer)
                   for p in (*folder.glob("last*.ckpt"), folder / interrupt_name) if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def resolve_last_checkpoint(trainer: Trainer, config: Any, command: str | None) -> None:
+    """Before ``command`` runs: remove the partial writes of killed processes from this configuration's checkpoint
+    folders, and put the checkpoint :func:`find_last_checkpoint` finds in place of ``config["ckpt_path"] == "last"``
+    (Lightning looks for ``last`` only in this run's new, empty, logger version folder).
+
+    Raises:
+        FileNotFoundError: ``last`` for ``validate`` / ``test`` / ``predict`` with no checkpoint to find (Lightning
+            would go on with the untrained weights).
+    """
+    if trainer.is_global_zero:  # 18 MB+ each
+        for folder in checkpoint_folders(trainer):
+            for temp in remove_stale_temps(folder):
+                print(f"transfer-lit: removed {temp}, the partial write of a killed process", file=sys.stderr)
+    if config.get("ckpt_path") != "last":
+        return
+    found = find_last_checkpoint(trainer)
+    if found is None and command != "fit":
+        raise FileNotFoundError(f"--ckpt_path last: no checkpoint to {command} in this run's folders "
+                                f"(trainer.default_root_dir={trainer.default_root_dir!r}); fit first, or give "
+                                f"the checkpoint's path")
+    if found is not None:
+        print(f"transfer-lit: --ckpt_path last = {found}", file=sys.stderr)
+        config["ckpt_path"] = str(found)
 
 
 def resume_command(argv: list[str], checkpoint: str) -> str:
