@@ -127,6 +127,28 @@ def test_predict_with_a_recipe_whose_training_folder_is_gone(checkpoint: Path, o
     assert len(predictions) == 6 and {r["prediction"] for r in predictions} <= set(CLASSES)
 
 
+def test_evaluation_commands_leave_the_working_directory_alone(checkpoint: Path, other_images: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without trainer.default_root_dir each left lightning_logs/version_N/ (config.yaml, hparams.yaml) there: predict
+    writes only its predictions now, validate / test log beside the version folder that trained the checkpoint."""
+    runs = tmp_path / "run" / "lightning_logs"
+    shutil.copytree(checkpoint.parents[1], runs / "version_0")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    options = ["--ckpt_path", str(runs / "version_0" / "checkpoints" / checkpoint.name), "--data.num_workers", "0",
+               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    main(["predict", "--data.predict_root", str(other_images), *options])
+    assert [p.name for p in cwd.iterdir()] == ["predictions.csv"]
+    table = write_csv(tmp_path / "held.csv", labelled(other_images))
+    main(["validate", "--data.val_csv", str(table), *options])
+    main(["test", "--data.test_csv", str(table), *options])
+    assert [p.name for p in cwd.iterdir()] == ["predictions.csv"]
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1", "version_2"]
+    assert "test_acc" in (runs / "version_2" / "metrics.csv").read_text()
+    assert (runs / "version_2" / "config.yaml").is_file()
+
+
 def test_a_class_the_checkpoint_does_not_know_is_named_with_the_checkpoints_classes(
         checkpoint: Path, other_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     purple = tmp_path / "purple.png"

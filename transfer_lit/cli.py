@@ -63,6 +63,11 @@ class TransferCLI(LightningCLI):
 
     The number and names of the classes flow from the data to the model; the preprocessing flows
     from the backbone's weights to the data at run time (``resolved_preprocessing`` of the data modules).
+
+    Where things go without ``--trainer.default_root_dir``: ``fit`` logs, checkpoints and saves ``config.yaml`` in
+    ``lightning_logs/version_N/`` of the working directory; ``validate`` / ``test`` in a new version folder beside the
+    one that trained the checkpoint they evaluate (the test report beside the checkpoint); ``predict`` writes only
+    ``prediction_writer.output``: no version folder, no ``config.yaml`` (:mod:`transfer_lit.loggers`).
     """
 
     def __init__(self, model_class: Any = None, datamodule_class: Any = None, *,
@@ -170,7 +175,9 @@ class TransferCLI(LightningCLI):
                     f"model.layer_decay)")
         show_the_head_lr(model)
         trainer = config["trainer"]
-        resolve_loggers(trainer)
+        resolve_loggers(trainer, self.subcommand, config.get("ckpt_path"))
+        if self.subcommand == "predict":  # it logs no metrics; its checkpoint holds the configuration
+            self.save_config_callback = None
         cuda = torch.cuda.is_available()
         apply_gpu_defaults(trainer, cuda, cuda and native_bf16())
         if trainer.get("sync_batchnorm") and (trainer.get("accelerator") == "cpu" or not cuda):
@@ -214,7 +221,11 @@ class TransferCLI(LightningCLI):
     def before_validate(self) -> None:
         resolve_last_checkpoint(self.trainer, self.config_init[self.subcommand], self.subcommand)
 
-    before_test = before_predict = before_validate
+    before_test = before_validate
+
+    def before_predict(self) -> None:
+        self.before_validate()
+        self.trainer.loggers = []  # it found `--ckpt_path last`; it would write hparams.yaml into a new version folder
 
 
 def build_cli(args: list[str] | None, fault_tolerance: FaultTolerance | None = None, run: bool = True) -> TransferCLI:

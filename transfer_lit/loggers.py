@@ -4,6 +4,12 @@ Lightning's ``TensorBoardLogger`` and ``CSVLogger`` require ``save_dir``, which 
 ``trainer.default_root_dir``; here the named logger does the same unless ``--trainer.logger.save_dir`` is given,
 so ``--trainer.logger TensorBoardLogger`` writes where the default logger would. A TensorBoard logger without
 ``tensorboard`` installed is refused before anything is built, in one line that names the extra to install.
+
+Where each command logs (``<name>/version_N/``: ``metrics.csv``, ``hparams.yaml``, ``config.yaml``) without a
+``trainer.default_root_dir``: ``fit`` under the working directory (a resumed fit continues its checkpoint's version
+folder: :mod:`transfer_lit.checkpoints.resume`); ``validate`` / ``test`` beside the version folder that trained the
+checkpoint they evaluate (:func:`run_folder`); ``predict`` nowhere (the CLI keeps no logger or ``config.yaml`` for it:
+it logs no metrics, and its checkpoint holds the hyperparameters).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import importlib.util
 import inspect
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch.loggers
@@ -67,10 +74,24 @@ def _loggers(value: Any) -> list[Any]:
     return [spec for spec in specs if hasattr(spec, "get") and spec.get("class_path")]
 
 
-def resolve_loggers(trainer: Any) -> None:
-    """In the parsed trainer config: put ``trainer.default_root_dir`` (the working directory without one) in
-    place of :data:`DEFAULT_ROOT_DIR`, and refuse a TensorBoard logger when neither ``tensorboard`` nor
+def run_folder(ckpt_path: Any) -> str | None:
+    """The folder of the run that wrote ``ckpt_path``: ``<save_dir>`` of ``<save_dir>/<name>/<version>/checkpoints/
+    x.ckpt``; ``None`` for ``last`` (found in the working directory's run already), no file, a checkpoint outside
+    such a folder, or a run folder this process cannot write to."""
+    path = Path(str(ckpt_path)).expanduser()
+    if not ckpt_path or not path.is_file() or path.parent.name != "checkpoints":
+        return None
+    root = path.resolve().parents[3]
+    return str(root) if os.access(root, os.W_OK) else None
+
+
+def resolve_loggers(trainer: Any, command: str | None = None, ckpt_path: Any = None) -> None:
+    """In the parsed trainer config: for ``validate`` / ``test`` without ``trainer.default_root_dir``, make it the
+    :func:`run_folder` of ``ckpt_path`` (if any); put ``trainer.default_root_dir`` (the working directory without
+    one) in place of :data:`DEFAULT_ROOT_DIR`; refuse a TensorBoard logger when neither ``tensorboard`` nor
     ``tensorboardX`` (what Lightning's ``TensorBoardLogger`` accepts) can be imported."""
+    if command in ("validate", "test") and not trainer.get("default_root_dir"):
+        trainer["default_root_dir"] = run_folder(ckpt_path)
     for spec in _loggers(trainer.get("logger")):
         init_args = spec.get("init_args")
         if init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
