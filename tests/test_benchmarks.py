@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from conftest import HYMENOPTERA, needs_hymenoptera
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,3 +307,16 @@ def test_ddp_thaw_overhead_smoke_times_both_arms_on_two_ranks(capsys: pytest.Cap
     assert summary["params_synced_by_transfer_lit"] == {"progressive": summary["params"] - 2, "finetune": 0}
     medians = summary["median_ms"]
     assert medians["progressive"]["thawed_sync"] > medians["finetune"]["thawed_sync"]  # the timer brackets the sync
+
+
+def test_calibration_scoring_finds_an_overconfident_models_temperature_and_its_floor() -> None:
+    calibration = load_script("calibration")
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(2000, generator=generator) * 2
+    target = torch.bernoulli(torch.sigmoid(true_logits), generator=generator).long()
+    over = calibration.score(true_logits * 3, target, splits=2)  # three times too confident
+    assert over["temperature"] == pytest.approx(3, rel=0.15) and over["ece_drop"] > 0.5 and over["better"] == 1
+    assert over["ece_calibrated"] == pytest.approx(over["floor"], abs=0.02)  # calibrated: down to the floor
+    calibrated = calibration.score(true_logits, target, splits=2)
+    assert calibrated["temperature"] == pytest.approx(1, abs=0.15) and abs(calibrated["ece_drop"]) < 0.25
+    assert calibrated["acc"] == over["acc"]  # T never moves a prediction at 0.5
