@@ -298,6 +298,32 @@ def test_find_last_checkpoint_prefers_the_newest_across_versions(images: Path, t
     assert find_last_checkpoint(trainer) == new / "interrupted.ckpt"
 
 
+def test_find_last_checkpoint_takes_the_most_trained_of_the_run_not_the_newest(tmp_path: Path) -> None:
+    """By modification time, a stale interrupted.ckpt (touched, or copied since) beat a last.ckpt that trained
+    further, and the reverse: the training that came after it was lost."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    folder = tmp_path / "lightning_logs/version_0/checkpoints"
+    folder.mkdir(parents=True)
+    last, interrupted = folder / "last.ckpt", folder / "interrupted.ckpt"
+
+    def save(path: Path, global_step: int, epoch: int, mtime: float) -> None:
+        torch.save({"global_step": global_step, "epoch": epoch, "state_dict": {"w": torch.zeros(4)}}, path)
+        os.utime(path, (mtime, mtime))
+
+    trainer = Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_progress_bar=False)
+    save(last, 700, 6, mtime=1_000)
+    save(interrupted, 500, 5, mtime=2_000)  # older training, newer file
+    assert find_last_checkpoint(trainer) == last
+    save(interrupted, 750, 6, mtime=500)  # stopped mid-epoch after last.ckpt: further on, though older
+    assert find_last_checkpoint(trainer) == interrupted
+    save(interrupted, 700, 6, mtime=1_500)  # the same progress: the newer
+    assert find_last_checkpoint(trainer) == interrupted
+    interrupted.write_bytes(b"not a checkpoint")  # unreadable: no progress
+    assert find_last_checkpoint(trainer) == last
+
+
 def test_rng_state_round_trips_and_loads_with_weights_only(tmp_path: Path) -> None:
     state = capture_rng()
     draws = (torch.rand(3), np.random.rand(3), random.random())

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transfer_lit.checkpoints.io import remove_stale_temps
+from transfer_lit.checkpoints.io import load_torch_file, remove_stale_temps
 
 
 def checkpoint_dir(trainer: Trainer) -> Path:
@@ -38,12 +38,30 @@ def checkpoint_folders(trainer: Trainer) -> list[Path]:
     return folders
 
 
+def training_progress(path: Path) -> tuple[int, int]:
+    """``(global_step, epoch)`` at which a Lightning checkpoint was saved, its tensors memory-mapped rather than read
+    (``torch.load(mmap=True)``); ``(-1, -1)`` for a file that is no readable checkpoint."""
+    try:
+        loaded = load_torch_file(path, "--ckpt_path last", mmap=True)
+    except ValueError:
+        return -1, -1
+    if not isinstance(loaded, dict):
+        return -1, -1
+    return int(loaded.get("global_step", -1)), int(loaded.get("epoch", -1))
+
+
 def find_last_checkpoint(trainer: Trainer, interrupt_name: str = "interrupted.ckpt") -> Path | None:
-    """The newest ``last*.ckpt`` or interrupt checkpoint of any earlier run of this configuration (in
-    :func:`checkpoint_folders`). Temporary files of an interrupted write are never candidates."""
+    """The checkpoint to go on from: of the ``last*.ckpt`` and interrupt checkpoints in :func:`checkpoint_folders`,
+    those of the latest run (the folder of the newest file: a new fit is a new version folder), and of them the one
+    with the most training progress (:func:`training_progress`), the newer on a tie. A stale ``interrupted.ckpt``
+    (touched or copied since) never beats a ``last.ckpt`` that trained further, nor the reverse. Temporary files
+    of an interrupted write are never candidates."""
     candidates = [p for folder in checkpoint_folders(trainer)
                   for p in (*folder.glob("last*.ckpt"), folder / interrupt_name) if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    if not candidates:
+        return None
+    run = max(candidates, key=lambda p: p.stat().st_mtime).parent
+    return max((p for p in candidates if p.parent == run), key=lambda p: (*training_progress(p), p.stat().st_mtime))
 
 
 def resolve_last_checkpoint(trainer: Trainer, config: Any, command: str | None) -> None:
