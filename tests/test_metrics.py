@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyBackbone
+from conftest import TinyBackbone, make_image_folder
 from lightning.pytorch import Trainer
 
 from transfer_lit import ImageDataModule, TransferModule
@@ -88,3 +91,70 @@ def test_trainer_test_prints_report_with_every_class(image_folder: Path, capsys:
     for key in ("test_loss", "test_acc", "test_precision", "test_recall", "test_f1", "test_auroc"):
         assert key in metrics, sorted(metrics)
     assert metrics["test_acc"].item() == pytest.approx(matrix.diag().sum().item() / 18)
+
+
+# ----------------------------------------------------------------- AUROC of a split that lacks a class
+
+AUROC_CASES = {  # classes, torchmetrics' arguments, scores, a target with every class, one lacking a class
+    "multiclass": (3, {"num_classes": 3}, torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4],
+                                                        [0.5, 0.4, 0.1]]),
+                   torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 0, 1])),
+    "binary": (2, {}, torch.tensor([0.9, 0.2, 0.6, 0.4]), torch.tensor([1, 0, 0, 1]), torch.tensor([0, 0, 0, 0])),
+    "multilabel": (2, {"num_labels": 2}, torch.tensor([[0.9, 0.2], [0.3, 0.6], [0.6, 0.1], [0.2, 0.7]]),
+                   torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]]), torch.tensor([[1, 1], [0, 1], [1, 1], [0, 1]])),
+}
+
+
+@pytest.mark.parametrize("task", list(AUROC_CASES))
+def test_auroc_is_torchmetrics_with_every_class_and_nan_with_one_warning_without_one(task: str) -> None:
+    """torchmetrics counts 0 for a class without samples: a one-class binary split logged val_auroc 0.0."""
+    from torchmetrics import AUROC
+
+    num_classes, kw, scores, every, lacking = AUROC_CASES[task]
+    metrics = build_metrics(task, num_classes, "val")  # type: ignore[arg-type]
+    metrics.update(scores[:2], every[:2])
+    metrics.update(scores[2:], every[2:])
+    reference = AUROC(task=task, **kw)(scores, every)  # type: ignore[arg-type]
+    assert float(metrics.compute()["val_auroc"]) == pytest.approx(float(reference))
+    metrics.reset()
+    auroc = metrics["val_auroc"]
+    auroc.class_names = ["ant", "bee", "wasp"][:num_classes]
+    absent = {"multiclass": "['wasp']", "binary": "['bee']", "multilabel": "['bee']"}[task]
+    with pytest.warns(UserWarning, match=rf"val_auroc is NaN \(undefined, not 0\): the val split has .*"
+                                         rf"{re.escape(absent)} among the 4 samples evaluated") as warned:
+        metrics.update(scores, lacking)
+        values = metrics.compute()
+    assert torch.isnan(values["val_auroc"]) and not torch.isnan(values["val_acc"])
+    assert len([w for w in warned if "val_auroc" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per split and set of classes
+        auroc.reset()
+        auroc.update(scores, lacking)
+        assert torch.isnan(auroc.compute())
+
+
+def test_a_validation_split_without_a_class_logs_nan_auroc_and_checkpoints_on_val_acc(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from transfer_lit.callbacks.epoch_summary import validation_summary
+    from transfer_lit.evaluation.plots import roc_label
+
+    root = make_image_folder(tmp_path / "images", {"train": 4, "val": 2}, size=16)
+    shutil.rmtree(root / "val" / "green")
+    data = ImageDataModule(root=str(root), batch_size=4, num_workers=0)
+    model = TransferModule(TinyBackbone(), num_classes=3, class_names=data.class_names)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", filename="best-{val_acc:.4f}")
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=[best])
+    with pytest.warns(UserWarning, match=r"the val split has no sample of class\(es\) \['green'\] among the 4"):
+        trainer.fit(model, datamodule=data)
+    metrics = trainer.callback_metrics
+    assert torch.isnan(metrics["val_auroc"]) and 0 <= float(metrics["val_acc"]) <= 1
+    assert best.best_model_path.endswith(f"best-val_acc={float(metrics['val_acc']):.4f}.ckpt")
+    assert "val_auroc=n/a" in validation_summary(trainer)
+    report = (tmp_path / "ckpt" / "val_report.md").read_text()  # written in full, nothing raised
+    assert "| green | 0.0000 | 0.0000 | 0.0000 | 0 |" in report
+    positive = torch.zeros(4, dtype=torch.bool)
+    assert roc_label("green", torch.zeros(5), torch.zeros(5), positive) == "green (AUC n/a: no green samples)"
+    assert roc_label("red", torch.zeros(5), torch.zeros(5), ~positive) == "red (AUC n/a: only red samples)"

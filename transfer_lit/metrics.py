@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import AUROC, Accuracy, ConfusionMatrix, F1Score, Metric, MetricCollection, Precision, Recall
+from torchmetrics import Accuracy, ConfusionMatrix, F1Score, Metric, MetricCollection, Precision, Recall
+from torchmetrics.functional import auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from transfer_lit.evaluation.calibration import TopLabelECE
 from transfer_lit.evaluation.decision import PredictionStore
@@ -36,27 +39,85 @@ def check_task(task: Task, num_classes: int, class_names: list[str] | None, clas
         raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
+class SplitAUROC(Metric):
+    """torchmetrics' AUROC of the epoch's predictions (macro for multiclass and multilabel), or NaN where it is
+    undefined: a class with no sample in the split (a label with no positive or no negative sample). torchmetrics
+    counts 0 for such a class (a one-class binary split: 0.0, which reads as the worst possible model); here one
+    warning per split and set of classes names them. The other metrics do not change.
+
+    Args:
+        task: ``multiclass``, ``binary`` or ``multilabel``.
+        num_classes: classes (multiclass, binary: 2) or labels (multilabel).
+        split: the split's name in the warning (``val``, ``test``).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    preds: list[torch.Tensor]
+    target: list[torch.Tensor]
+
+    def __init__(self, task: Task, num_classes: int, split: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.task, self.num_classes, self.split = task, num_classes, split
+        self.class_names = [str(i) for i in range(num_classes)]  # set by StageMetrics.epoch_values
+        self._warned: set[tuple[str, ...]] = set()
+        self.add_state("preds", [], dist_reduce_fx="cat")
+        self.add_state("target", [], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.preds.append(preds)
+        self.target.append(target)
+
+    def undefined(self, target: torch.Tensor) -> list[str]:
+        """The classes (labels) of ``target`` whose one-vs-rest AUROC is undefined."""
+        if self.task == "multilabel":
+            positives = target.sum(0)
+            missing = (positives == 0) | (positives == len(target))
+        else:
+            missing = torch.bincount(target.flatten().long(), minlength=self.num_classes) == 0
+        return [self.class_names[i] for i in missing.nonzero().flatten().tolist()]
+
+    def compute(self) -> torch.Tensor:
+        if isinstance(self.preds, list) and not self.preds:
+            return torch.tensor(float("nan"))
+        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
+        undefined = self.undefined(target)
+        if not undefined:
+            return torch.as_tensor(auroc(preds, target, **_task_arguments(self.task, self.num_classes)))
+        if tuple(undefined) not in self._warned:
+            self._warned.add(tuple(undefined))
+            what = "label(s) with no positive or no negative sample" if self.task == "multilabel" else \
+                "no sample of class(es)"
+            rank_zero_warn(f"transfer_lit metrics: {self.split}_auroc is NaN (undefined, not 0): the {self.split} "
+                           f"split has {what} {undefined} among the {len(target)} samples evaluated")
+        return torch.tensor(float("nan"), device=preds.device)
+
+
+def _task_arguments(task: Task, num_classes: int) -> dict[str, Any]:
+    if task == "multiclass":
+        return {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
+    if task == "binary":
+        return {"task": "binary"}
+    return {"task": "multilabel", "num_labels": num_classes, "average": "macro"}
+
+
 def build_metrics(task: Task, num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy, macro precision / recall / F1, AUROC and (not multilabel) the top-label ECE, named ``{prefix}_acc``
-    etc.
+    """Accuracy, macro precision / recall / F1, AUROC (:class:`SplitAUROC`) and (not multilabel) the top-label ECE,
+    named ``{prefix}_acc`` etc.
 
     Args:
         task: ``multiclass`` (one label per sample), ``binary`` or ``multilabel``.
         num_classes: classes (multiclass, binary: 2) or labels (multilabel).
         prefix: stage name, ``train`` / ``val`` / ``test``.
     """
-    if task == "multiclass":
-        kw: dict[str, Any] = {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
-    elif task == "binary":
-        kw = {"task": "binary"}
-    else:
-        kw = {"task": "multilabel", "num_labels": num_classes, "average": "macro"}
+    kw = _task_arguments(task, num_classes)
     metrics: dict[str, Metric | MetricCollection] = {
         "acc": Accuracy(**{**kw, "average": "micro"} if task == "multiclass" else kw),
         "precision": Precision(**kw),
         "recall": Recall(**kw),
         "f1": F1Score(**kw),
-        "auroc": AUROC(**kw),
+        "auroc": SplitAUROC(task, num_classes, prefix),
     }
     if task != "multilabel":
         metrics["ece"] = TopLabelECE()
@@ -196,11 +257,15 @@ class StageMetrics(nn.Module):
             if hasattr(metric, "threshold"):
                 metric.threshold = threshold
 
-    def epoch_values(self, stage: str) -> Any:
+    def epoch_values(self, stage: str, class_names: list[str] | None = None) -> Any:
         """What to log at the end of ``stage``'s epoch: the collection itself (Lightning computes, syncs and resets
-        it), except for training, whose rates are computed here and reset (they compute four values at once)."""
+        it; ``class_names`` name the classes in its warnings), except for training, whose rates are computed here
+        and reset (they compute four values at once)."""
         if stage != "train":
-            return getattr(self, f"{stage}_metrics")
+            collection = getattr(self, f"{stage}_metrics")
+            if class_names:
+                collection[f"{stage}_auroc"].class_names = list(class_names)
+            return collection
         values = self.train_metrics.compute()
         self.train_metrics.reset()
         return values

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 
 def validation_summary(trainer: Trainer) -> str:
-    """``val_acc=0.9500  val_loss=0.1234 ...``: the trainer's current validation metrics, sorted, or ``""``."""
+    """``val_acc=0.9500  val_loss=0.1234 ...``: the trainer's current validation metrics, sorted, or ``""``; an
+    undefined one (NaN: ``val_auroc`` of a split that lacks a class) is ``n/a``."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
-    return "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+    return "  ".join(f"{k}=n/a" if math.isnan(v) else f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
 
 
 class EpochSummary(Callback):

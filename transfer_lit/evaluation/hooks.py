@@ -35,7 +35,7 @@ class EvaluationHooks(Callback):
 
     def log_epoch(self, stage: str) -> None:
         # Once per epoch: each self.log of a Metric walks Lightning's result collection (~80 ms/step on CPU).
-        self.owner.log_dict(self.owner.metrics.epoch_values(stage), prog_bar=stage == "val")
+        self.owner.log_dict(self.owner.metrics.epoch_values(stage, self.owner.class_names), prog_bar=stage == "val")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

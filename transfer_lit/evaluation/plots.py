@@ -44,6 +44,14 @@ def confusion_png(predictions: Predictions, path: Path) -> Path:
     return _save(fig, path)
 
 
+def roc_label(name: str, fpr: torch.Tensor, tpr: torch.Tensor, positive: torch.Tensor) -> str:
+    """``"cat (AUC 0.912)"``; without a positive (or a negative) sample the curve is flat, its area 0 meaningless:
+    ``"cat (AUC n/a: no cat samples)"``."""
+    if 0 < int(positive.sum()) < len(positive):
+        return f"{name} (AUC {float(torch.trapezoid(tpr, fpr)):.3f})"
+    return f"{name} (AUC n/a: {'only' if positive.any() else 'no'} {name} samples)"
+
+
 def curves_png(predictions: Predictions, roc_path: Path, pr_path: Path) -> list[Path]:
     """ROC and precision-recall curves: class 1 for binary tasks, one per class (one-vs-rest) for multiclass."""
     classes = [1] if len(predictions.class_names) == 2 else list(range(len(predictions.class_names)))
@@ -52,9 +60,8 @@ def curves_png(predictions: Predictions, roc_path: Path, pr_path: Path) -> list[
     for c in classes:
         positive = predictions.target == c
         fpr, tpr, precision = curve(predictions.probs[:, c], positive)
-        auc = float(torch.trapezoid(tpr, fpr))
         name = predictions.class_names[c]
-        roc_ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUC {auc:.3f})")
+        roc_ax.plot(fpr.numpy(), tpr.numpy(), label=roc_label(name, fpr, tpr, positive))
         pr_ax.plot(tpr.numpy(), precision.numpy(), label=f"{name} (base {float(positive.double().mean()):.2f})")
     roc_ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     for ax, title, x, y in ((roc_ax, "ROC", "false positive rate", "true positive rate"),
