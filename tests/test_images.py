@@ -200,6 +200,46 @@ def test_loader_defaults(image_folder: Path) -> None:
         assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
 
 
+class PooledBatchNorm(TinyBackbone):
+    """TinyBackbone with a BatchNorm after the pooling: one value per channel in a batch of one image."""
+
+    def __init__(self) -> None:
+        super().__init__(image_size=16)
+        self.block2.append(torch.nn.BatchNorm1d(self.num_features))
+
+
+def _batchnorm_head(features: int, outputs: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(features), torch.nn.Linear(features, outputs))
+
+
+@pytest.mark.parametrize(("model", "refused"), [
+    ({}, r"model\.mode='finetune' with model\.bn_policy='eval' trains the backbone's 4 BatchNorm layer\(s\) on batch "
+         r"statistics, which need at least 2 samples per batch"),
+    ({"mode": "progressive", "bn_policy": "train"}, r"model\.mode='progressive' with model\.bn_policy='train'"),
+    ({"mode": "linear_probe", "head": _batchnorm_head}, r"the 1 BatchNorm layer\(s\) outside the backbone"),
+    ({"bn_policy": "frozen"}, None),
+    ({"mode": "linear_probe"}, None),
+])
+def test_batch_size_one_is_refused_before_fit_when_batchnorm_trains_on_batch_statistics(
+        tmp_path: Path, model: dict[str, Any], refused: str | None) -> None:
+    """It crashed at the first step with torch's "Expected more than 1 value per channel when training"."""
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1}, size=16)
+    data = ImageDataModule(root=str(root), batch_size=1, num_workers=0)
+    torch.manual_seed(0)
+    module = TransferModule(PooledBatchNorm(), num_classes=3, **model)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    if refused is None:  # BatchNorm in eval mode: a batch of one trains
+        trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 6
+        return
+    with pytest.raises(ValueError, match=rf"^data\.batch_size=1: {refused}.*valid: data\.batch_size >= 2, or the "
+                                         r"backbone's BatchNorm in eval mode: model\.bn_policy: frozen or "
+                                         r"model\.mode: linear_probe"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0  # refused in the data module's setup, before any step
+
+
 # ----------------------------------------------------------------- errors name the key, the value, the fix
 
 
