@@ -90,18 +90,8 @@ def test_skip_leaves_bad_files_out_and_reports_them_at_the_end(images: Path, tmp
     (images / "val" / "blue" / "notes.png").write_text("x")
     with pytest.warns(UserWarning, match=r"left out 3 unreadable image\(s\) during fit \{'train': 2, 'val': 1\}"):
         main(fit_args(images, tmp_path, "--data.bad_images", "skip", "--data.num_workers", "1",
-                      "--data.batch_size", "1",  # batches of one: a batch holding only a bad file is skipped too
-                      "--model.bn_policy", "frozen"))  # (which BatchNorm on batch statistics could not train on)
+                      "--data.batch_size", "1"))  # batches of one: a batch holding only a bad file is skipped too
     assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
-
-
-def test_batch_size_one_with_batchnorm_on_batch_statistics_is_one_message(images: Path, tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    message = cli_error(fit_args(images, tmp_path, "--data.batch_size", "1"), capsys)
-    assert message.startswith("data.batch_size=1: model.mode='finetune' with model.bn_policy='eval' trains the "
-                              "backbone's 1 BatchNorm layer(s) on batch statistics, which need at least 2 samples")
-    assert "valid: data.batch_size >= 2, or the backbone's BatchNorm in eval mode: model.bn_policy: frozen" in message
-    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_scan_lists_every_bad_file_before_training(images: Path, tmp_path: Path,

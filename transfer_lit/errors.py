@@ -51,6 +51,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (StorageError,
 #: Original Traceback ...", re-raised as <Name>(that text) or, when <Name> needs other arguments, RuntimeError.
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
 _WORKER_USER_ERRORS = {"BadImageError"} | {e.__name__ for e in USER_ERRORS}
+#: torch's error when a BatchNorm layer in training mode sees one value per channel (a batch of one after pooling).
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 _PACKAGES = (Path(__file__).resolve().parent, Path(lightning.__file__).resolve().parent)
 _WORKER_FRAME = re.compile(r'File "([^"]+)", line \d+')
 
@@ -91,6 +93,10 @@ def user_error_message(error: BaseException) -> str | None:
     if isinstance(error, OSError) and error.errno in _FULL_OR_READ_ONLY and error.filename is not None:
         # Wherever a write met a full disk or a read-only file system (a logger's folder, a report): not a bug.
         return storage_error(error.filename, error).strerror
+    if isinstance(error, ValueError) and str(error).startswith(_ONE_VALUE_PER_CHANNEL):
+        return (f"a BatchNorm layer that trains on batch statistics got a training batch of one sample (torch: "
+                f"{error}); valid: data.batch_size >= 2, or the backbone's BatchNorm in eval mode (model.bn_policy: "
+                f"frozen, or model.mode: linear_probe); a head with BatchNorm needs batches of 2 or more in any mode")
     if isinstance(error, MisconfigurationException) or (isinstance(error, USER_ERRORS)
                                                          and raised_by_transfer_lit(error)):
         return str(error.args[0] if isinstance(error, KeyError) and error.args else error)

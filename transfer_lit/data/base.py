@@ -10,8 +10,6 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from transfer_lit.data.held_out import check_held_out
-from transfer_lit.freezing.blocks import batch_statistics
-from transfer_lit.protocols import Unfreezable
 
 
 class LabelledDataModule(LightningDataModule):
@@ -23,22 +21,7 @@ class LabelledDataModule(LightningDataModule):
 
     splits: dict[str, list[tuple[Any, int]]]
     class_names: list[str]
-    batch_size: int
     held_out: dict[str, Any] | None = None
-
-    def check_batch_size(self, stage: str) -> None:
-        """Before ``fit``: refuse ``batch_size`` 1 for a model whose BatchNorm layers train on batch statistics
-        (:func:`~transfer_lit.freezing.blocks.batch_statistics`), which torch cannot compute from one sample. (A last
-        batch of one never occurs otherwise: the training loader drops an incomplete last batch.)"""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if stage != "fit" or self.batch_size != 1 or not isinstance(module, Unfreezable):
-            return
-        reason = batch_statistics(module, module.mode, module.bn_policy, module.backbone)
-        if reason is not None:
-            raise ValueError(f"data.batch_size=1: {reason}, which need at least 2 samples per batch (torch: \"Expected "
-                             f"more than 1 value per channel when training\"); valid: data.batch_size >= 2, or the "
-                             f"backbone's BatchNorm in eval mode: model.bn_policy: frozen or model.mode: linear_probe "
-                             f"(a head with BatchNorm needs data.batch_size >= 2 in any mode)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"held_out": self.held_out} if self.held_out is not None else {}

@@ -165,7 +165,6 @@ class ImageDataModule(LabelledDataModule):
         return module.preprocessing
 
     def setup(self, stage: str) -> None:
-        self.check_batch_size(stage)
         self._logged_preprocessing = False
         self.skipped.clear()
         if self._deferred is not None and stage != "predict" and any(self._deferred[2:4]):  # val_csv, test_csv

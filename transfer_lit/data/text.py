@@ -134,7 +134,6 @@ class TextDataModule(LabelledDataModule):
             self._index(*index)
 
     def setup(self, stage: str) -> None:
-        self.check_batch_size(stage)
         if self._deferred is not None and stage != "predict" and any(self._deferred[2:4]):  # val_csv, test_csv
             self._index(*self._deferred, class_names=model_class_names(self))
 

@@ -58,18 +58,3 @@ def set_batchnorm_modes(backbone: Backbone, frozen: set[str], bn_policy: BNPolic
     if bn_policy == "frozen":
         for m in batchnorms(backbone.modules()):
             m.eval()
-
-
-def batch_statistics(model: nn.Module, mode: str, bn_policy: str, backbone: nn.Module) -> str | None:
-    """What in ``model`` normalizes with the statistics of the training batch (which need at least 2 samples), in
-    words naming the keys that decide it, else ``None``: BatchNorm outside the backbone (the head) always; the
-    backbone's unless ``mode`` is ``linear_probe`` (eval mode throughout) or ``bn_policy`` is ``frozen``."""
-    in_backbone = batchnorms(backbone.modules())
-    outside = [m for m in batchnorms(model.modules()) if all(m is not b for b in in_backbone)]
-    if outside:
-        return f"the {len(outside)} BatchNorm layer(s) outside the backbone (the head's) train on batch statistics"
-    if in_backbone and mode != "linear_probe" and bn_policy != "frozen":
-        when = " once their blocks thaw" if mode == "progressive" and bn_policy == "eval" else ""
-        return (f"model.mode={mode!r} with model.bn_policy={bn_policy!r} trains the backbone's {len(in_backbone)} "
-                f"BatchNorm layer(s) on batch statistics{when}")
-    return None
