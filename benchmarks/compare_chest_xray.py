@@ -1,6 +1,7 @@
 """``transfer-lit compare`` under a strong domain shift: pediatric chest X-rays (../shared/data/chest_xray_pneumonia).
 
     python benchmarks/compare_chest_xray.py [--seeds 3] [--epochs 4] [--output_dir outputs/compare_chest_xray]
+        [--strategies linear_probe,finetune,progressive] [--backbone_lr_mults 0.01,0.1,1] [--patience N]
 
 As ``benchmarks/compare_hymenoptera.py`` (the shipped recipes, ImageNet MobileNetV2 at a 160 px crop, the backbone
 LR multiplier searched over {0.01, 0.1, 1} on seed 0 and judged on the selection half), on NORMAL vs PNEUMONIA:

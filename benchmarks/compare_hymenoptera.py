@@ -31,14 +31,18 @@ def main(argv: list[str] | None = None, data: Path = DATA, name: str = "compare_
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--crop", type=int, default=160)
+    parser.add_argument("--strategies", default="linear_probe,finetune,progressive")
+    parser.add_argument("--backbone_lr_mults", default="0.01,0.1,1", help="searched on seed 0 (one value: no search)")
+    parser.add_argument("--patience", type=int, default=None, help="early stopping on the selection accuracy")
     parser.add_argument("--output_dir", default=f"outputs/{name}")
     args = parser.parse_args(argv)
     if not data.is_dir():
         parser.error(f"{data} not found (the ../shared data folder)")
     resize = round(args.crop * 256 / 224)
     start = time.perf_counter()
-    summary = compare(str(data), ["linear_probe", "finetune", "progressive"], seeds=args.seeds, epochs=args.epochs,
-                      output_dir=args.output_dir,
+    summary = compare(str(data), args.strategies.split(","), seeds=args.seeds, epochs=args.epochs,
+                      output_dir=args.output_dir, patience=args.patience,
+                      backbone_lr_mults=tuple(float(m) for m in args.backbone_lr_mults.split(",")),
                       extra=["--model.preprocessing", f"{{crop_size: {args.crop}, resize_size: {resize}}}",
                              "--trainer.enable_model_summary", "false", *extra])
     print((Path(args.output_dir) / "compare.md").read_text())

@@ -317,6 +317,7 @@ def test_calibration_scoring_finds_an_overconfident_models_temperature_and_its_f
     over = calibration.score(true_logits * 3, target, splits=2)  # three times too confident
     assert over["temperature"] == pytest.approx(3, rel=0.15) and over["ece_drop"] > 0.5 and over["better"] == 1
     assert over["ece_calibrated"] == pytest.approx(over["floor"], abs=0.02)  # calibrated: down to the floor
+    assert over["pooled_drop"] > 0.5 and over["pooled_calibrated"] < over["ece_calibrated"]  # 2x the images
     calibrated = calibration.score(true_logits, target, splits=2)
     assert calibrated["temperature"] == pytest.approx(1, abs=0.15) and abs(calibrated["ece_drop"]) < 0.25
     assert calibrated["acc"] == over["acc"]  # T never moves a prediction at 0.5
