@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,46 @@ def test_hymenoptera_train_folder() -> None:
     assert [path for path in files if path not in listed] == [placeholder]
     assert scan_images(files, num_workers=4) == []
     assert load_image(placeholder).size == (300, 300)
+
+
+def test_cielab_tiff_keeps_colors(tmp_path: Path) -> None:
+    """TIFF's CIELab (a* and b* signed bytes, as libtiff and Photoshop write them) decodes to its colors."""
+    from PIL import ImageCms
+
+    srgb_to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    rgb = Image.new("RGB", (16, 8), (220, 20, 30))
+    rgb.paste((20, 140, 40), (8, 0, 16, 8))
+    path = tmp_path / "lab.tif"
+    lab = ImageCms.applyTransform(rgb, srgb_to_lab)
+    assert lab is not None and lab.tobytes()[3 * (4 * 16 + 12) + 1] > 127  # green: a* < 0, a signed byte
+    lab.save(path)
+    assert _header(path)[0] == "LAB"
+    loaded = load_image(path)
+    assert _close(loaded.getpixel((2, 4)), (220, 20, 30))
+    assert _close(loaded.getpixel((12, 4)), (20, 140, 40))
+
+
+def _one_pixel_tiff(path: Path, photometric: int, bits: int) -> None:
+    """A one-pixel, three-sample little-endian TIFF written byte by byte (Pillow writes no such layout)."""
+    pixel = bytes(3 * bits // 8)
+    short = [(256, 1), (257, 1), (259, 1), (262, photometric), (277, 3), (278, 1)]
+    entries = [struct.pack("<HHIHH", tag, 3, 1, value, 0) for tag, value in short]
+    entries += [struct.pack("<HHII", 258, 3, 3, 122), struct.pack("<HHII", 273, 4, 1, 128),
+                struct.pack("<HHII", 279, 4, 1, len(pixel))]
+    entries.sort()
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<HHH", bits, bits, bits) + pixel)
+
+
+@pytest.mark.parametrize(("photometric", "bits", "layout"), [(8, 16, "8 (CIELab), 16"), (9, 8, "9 (ICCLab), 8")])
+def test_a_tiff_layout_pillow_cannot_decode_is_named(tmp_path: Path, photometric: int, bits: int, layout: str) -> None:
+    path = tmp_path / "scan.tif"
+    _one_pixel_tiff(path, photometric, bits)
+    with pytest.raises(BadImageError) as caught:
+        load_image(path)
+    assert f"a TIFF whose pixel layout Pillow cannot decode (photometric {layout} bits per sample); save it as" \
+        in str(caught.value)
+    assert "not an image file" not in str(caught.value)
+    path.write_bytes(path.read_bytes()[:12])
+    with pytest.raises(BadImageError, match="a TIFF whose header is cut short or damaged"):
+        load_image(path)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, get_args
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from transfer_lit.data.jpeg import JPEGDamage, decode_jpeg, draft_factor, draft_size, jpeg_damage
@@ -61,6 +61,8 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}
+_PHOTOMETRIC = {0: "WhiteIsZero", 1: "BlackIsZero", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr",
+                8: "CIELab", 9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
 _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # What Pillow raises for damaged files: decoders raise OSError/SyntaxError/ValueError, some
 # plugins also EOFError or struct.error on short headers. UnidentifiedImageError is an OSError.
@@ -181,7 +183,7 @@ def _load(path: str, max_pixels: int, min_side: int | None = None) -> Image.Imag
                 img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except UnidentifiedImageError:
-        raise BadImageError(path, "not an image file (Pillow cannot identify its format)") from None
+        raise BadImageError(path, _unidentified(data)) from None
     except Image.DecompressionBombError as error:
         # Raised by Image.open itself, before max_pixels can be checked, above 2 * Image.MAX_IMAGE_PIXELS.
         raise BadImageError(
@@ -195,6 +197,28 @@ def _load(path: str, max_pixels: int, min_side: int | None = None) -> Image.Imag
                                   "or noise") from None
     except _DECODE_ERRORS as error:
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow opened no format: a TIFF whose pixel layout it cannot decode is named as such."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return "not an image file (Pillow cannot identify its format)"
+    tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" for a short file
+            file = io.BytesIO(data)
+            file.seek(tags.next)
+            tags.load(file)
+    except _DECODE_ERRORS:
+        pass
+    photometric, bits = tags.get(262), tags.get(258)
+    if photometric is None or bits is None:
+        return "a TIFF whose header is cut short or damaged (Pillow cannot read its pixel layout)"
+    depth = f"{bits[0]}" if len(set(bits)) == 1 else "/".join(map(str, bits))
+    layout = f"photometric {photometric} ({_PHOTOMETRIC.get(photometric, 'unknown')}), {depth} bits per sample"
+    return (f"a TIFF whose pixel layout Pillow cannot decode ({layout}); save it as 8-bit RGB, 8- or 16-bit "
+            "grayscale, or CMYK")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
