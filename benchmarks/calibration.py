@@ -3,7 +3,8 @@
     python benchmarks/calibration.py [--datasets hymenoptera,chest_xray] [--strategies linear_probe,finetune]
                                      [--seeds 3] [--epochs 6] [--splits 50] [--output_dir outputs/calibration]
 
-ImageNet MobileNetV2, binary task, a 160 px crop, ``lr`` 3e-3 (``backbone_lr_mult`` 0.1 for fine-tune), one fit
+ImageNet MobileNetV2, binary task, a 160 px crop, ``lr`` 3e-3 (``backbone_lr_mult`` 0.1 for fine-tune; both
+options), one fit
 per dataset, strategy and seed on ``train/`` (chest X-rays: 150 radiographs per class drawn from it, each seed its
 own draw); the logits of every image of ``val/`` are kept after each epoch. Then, for each epoch, ``val/`` is cut
 ``--splits`` times in two random stratified halves, each half in turn the calibration set and the other the
@@ -70,7 +71,8 @@ def validation_logits(dataset: str, strategy: str, seed: int, args: argparse.Nam
     """Train on ``train/`` and return ``{"epochs": [(logits, target), ...], "fit_s"}`` (cached on disk)."""
     shots = SAMPLES_PER_CLASS[dataset]
     settings = {"dataset": dataset, "strategy": strategy, "seed": seed, "epochs": args.epochs, "crop": args.crop,
-                **({"samples_per_class": shots} if shots else {}), **({"lr": args.lr} if args.lr != 3e-3 else {})}
+                **({"samples_per_class": shots} if shots else {}), **({"lr": args.lr} if args.lr != 3e-3 else {}),
+                **({"backbone_lr_mult": args.backbone_lr_mult} if args.backbone_lr_mult != 0.1 else {})}
     cache = Path(args.output_dir) / f"{dataset}_{strategy}_seed{seed}.pt"
     if args.reuse and cache.is_file():
         stored = torch.load(cache)
@@ -80,7 +82,8 @@ def validation_logits(dataset: str, strategy: str, seed: int, args: argparse.Nam
     data = ImageDataModule(root=str(DATASETS[dataset]), batch_size=32, num_workers=args.num_workers, seed=seed,
                            samples_per_class=shots)
     model = TransferModule(TorchvisionBackbone("mobilenet_v2", "IMAGENET1K_V1"), num_classes=2, task="binary",
-                           class_names=data.class_names, mode=strategy, lr=args.lr, backbone_lr_mult=0.1,
+                           class_names=data.class_names, mode=strategy, lr=args.lr,
+                           backbone_lr_mult=args.backbone_lr_mult,
                            preprocessing={"crop_size": args.crop, "resize_size": round(args.crop * 256 / 224)})
     keep = KeepValidationLogits()
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--splits", type=int, default=50, help="random halvings of val/ (each used both ways)")
     parser.add_argument("--crop", type=int, default=160, help="crop size in px (the resize keeps 256/224)")
     parser.add_argument("--lr", type=float, default=3e-3, help="head learning rate (finetune.yaml: 1e-3)")
+    parser.add_argument("--backbone_lr_mult", type=float, default=0.1, help="backbone LR / head LR (fine-tune)")
     parser.add_argument("--output_dir", default="outputs/calibration")
     parser.add_argument("--reuse", action="store_true", help="rescore cached logits of the same settings")
     parser.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
