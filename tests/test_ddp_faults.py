@@ -159,6 +159,31 @@ def test_two_rank_resume_from_last_equals_the_uninterrupted_run_bitwise(images: 
     assert different == {}
 
 
+def test_two_rank_resume_from_mid_epoch_equals_the_uninterrupted_run_bitwise(images: Path, tmp_path: Path) -> None:
+    """Stopped after global step 5 (epoch 1, batch 2 of 3), the resumed ranks train the epoch's last batch of the
+    same shard and crops, and the run ends with the uninterrupted run's weights."""
+    epochs, straight, resumed = 3, tmp_path / "straight", tmp_path / "resumed"
+    for probe in (straight, resumed):
+        probe.mkdir()
+    run_ranks(ddp_args(images, straight, epochs, straight), tmp_path / "logs1")
+    stop = ["--trainer.callbacks.sigterm_step=4",
+            "--trainer.callbacks.sigterm_at={0: before_optimizer_step, 1: before_optimizer_step}"]
+    with running(ddp_args(images, resumed, epochs, resumed, *stop), tmp_path / "logs2") as ranks:
+        assert exit_codes(ranks, tmp_path / "logs2", timeout=120) == [143, 143], logs(tmp_path / "logs2")
+    interrupted = resumed / CHECKPOINTS / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True)["global_step"] == 5  # mid-epoch
+    run_ranks(ddp_args(images, resumed, epochs, resumed, "--ckpt_path", str(interrupted)), tmp_path / "logs3")
+
+    for rank in (0, 1):  # what each rank trained on, after augmentation, step by step
+        seen = [json.loads((folder / f"batches{rank}.json").read_text()) for folder in (straight, resumed)]
+        assert seen[0] == seen[1], f"rank {rank}"
+    a, b = (torch.load(versions(run)[-1] / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+            for run in (straight, resumed))
+    assert a["global_step"] == b["global_step"] == epochs * STEPS_PER_EPOCH
+    assert [k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])] == []
+    assert_continuous(resumed, epochs, STEPS_PER_EPOCH)
+
+
 # ----------------------------------------------------------------- the RNG states of ranks, directly
 
 

@@ -331,3 +331,47 @@ def test_rng_state_round_trips_and_loads_with_weights_only(tmp_path: Path) -> No
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_resume_from_mid_epoch_equals_the_uninterrupted_run(images: Path, tmp_path: Path, workers: str) -> None:
+    """Stopped after batch 2 of epoch 1 (of 6), the resumed run trains the epoch's other 3 batches, of the same
+    shuffle and with the same random crops, and ends with the uninterrupted run's weights, bit for bit."""
+    loader = ("--data.num_workers", workers)
+    main(fit_args(images, tmp_path / "straight", 3, *loader))
+    with pytest.raises(SystemExit) as stop:
+        main(fit_args(images, tmp_path / "resumed", 3, *loader, "--trainer.callbacks+=cli_tiny_backbone.SendSignal",
+                      f"--trainer.callbacks.signum={int(signal.SIGTERM)}", "--trainer.callbacks.epoch=1",
+                      "--trainer.callbacks.batch=2"))
+    assert stop.value.code == 143
+    saved = torch.load(tmp_path / "resumed/lightning_logs/version_0/checkpoints/interrupted.ckpt", weights_only=False)
+    assert saved["global_step"] == STEPS_PER_EPOCH + 3  # mid-epoch
+    main(fit_args(images, tmp_path / "resumed", 3, *loader, "--ckpt_path", "last"))
+    straight, resumed = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
+    assert straight["global_step"] == resumed["global_step"] == 3 * STEPS_PER_EPOCH
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert_continuous(tmp_path / "resumed", 3)
+
+
+def test_the_same_weights_with_any_number_of_loader_workers(images: Path, tmp_path: Path) -> None:
+    """Each image's random crop is seeded by (seed, epoch, image), not by the worker that decodes it."""
+    main(fit_args(images, tmp_path / "none", 2, "--data.num_workers", "0"))
+    main(fit_args(images, tmp_path / "two", 2, "--data.num_workers", "2"))
+    none, two = final_checkpoint(tmp_path / "none"), final_checkpoint(tmp_path / "two")
+    for key, value in none["state_dict"].items():
+        assert torch.equal(value, two["state_dict"][key]), key
+
+
+def test_a_resume_from_an_every_n_train_steps_checkpoint_equals_the_uninterrupted_run(images: Path,
+                                                                                      tmp_path: Path) -> None:
+    """A ModelCheckpoint saving at step 4 (batch 4 of epoch 0's 6, inside on_train_batch_end): resumed from it, the
+    run trains the epoch's last 2 batches and ends with the uninterrupted run's weights."""
+    every = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
+             "--trainer.callbacks.save_top_k=-1", f"--trainer.callbacks.dirpath={tmp_path / 'steps'}")
+    main(fit_args(images, tmp_path / "straight", 2, *every))
+    at_4 = next((tmp_path / "steps").glob("*step=4.ckpt"))
+    main(fit_args(images, tmp_path / "resumed", 2, "--ckpt_path", str(at_4)))
+    straight, resumed = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
+    assert straight["global_step"] == resumed["global_step"] == 2 * STEPS_PER_EPOCH
+    assert [k for k, v in straight["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])] == []

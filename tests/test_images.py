@@ -16,6 +16,7 @@ from PIL import Image
 
 from transfer_lit import BadImageError, ImageDataModule, ImagePreprocessing, TransferModule
 from transfer_lit.data import default_num_workers
+from transfer_lit.data.order import EpochShuffle
 from transfer_lit.errors import user_error_message
 from transfer_lit.preprocessing import normalize_images
 from transfer_lit.protocols import CachedFeatures
@@ -197,7 +198,7 @@ def test_loader_defaults(image_folder: Path) -> None:
         assert train.persistent_workers is val.persistent_workers is (workers > 0)
         assert train.pin_memory is val.pin_memory is torch.cuda.is_available()
         assert train.batch_size == 5 and train.drop_last and not val.drop_last
-        assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+        assert isinstance(train.sampler, EpochShuffle) and train.sampler.sample_seeds  # resumable, seeded crops
         assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
 
 

@@ -27,8 +27,9 @@ writes a checkpoint, and Lightning does not save RNG states. :class:`FaultTolera
 * saves the torch (CPU and CUDA), numpy and Python RNG states of every rank in every checkpoint and restores each
   rank's own when training resumes (:mod:`transfer_lit.checkpoints.rng`, which also says what a different number
   of ranks gets): resuming from an end-of-epoch checkpoint (``last.ckpt``) gives the same weights, bit
-  for bit, as the uninterrupted run, under DDP too. From a mid-epoch interrupt checkpoint, Lightning finishes the epoch
-  with the remaining number of batches drawn from a new shuffle (the image loader is not resumable).
+  for bit, as the uninterrupted run, under DDP too. So does a mid-epoch one (``interrupted.ckpt``,
+  ``every_n_train_steps``): the data modules' training loaders record where the epoch stands and continue it with
+  the same order and the same random crops (:mod:`transfer_lit.data.order`).
 
 :func:`~transfer_lit.checkpoints.find_last_checkpoint` resolves ``ckpt_path="last"`` across logger versions
 (Lightning only looks in the new run's own, still empty, version folder).
@@ -89,8 +90,8 @@ class FaultTolerance(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Restored at once: Lightning loads callback states just before it builds the train iterator (which
-        # draws the shuffle seed and prefetches a batch); what runs in between (optimizer restore; the sanity
-        # check is skipped on restart and runs under isolate_rng anyway) draws no random numbers.
+        # prefetches a batch; our data modules' loaders draw no global random number); what runs in between
+        # (optimizer restore; the sanity check is skipped on restart and runs under isolate_rng) draws none either.
         if "rng" in state_dict:
             note = restore_rng_of_rank(state_dict["rng"])
             if note:

@@ -7,9 +7,10 @@ from collections import Counter
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from transfer_lit.data.held_out import check_held_out
+from transfer_lit.data.order import EpochShuffle, ResumableLoader
 
 
 class LabelledDataModule(LightningDataModule):
@@ -22,6 +23,8 @@ class LabelledDataModule(LightningDataModule):
     splits: dict[str, list[tuple[Any, int]]]
     class_names: list[str]
     held_out: dict[str, Any] | None = None
+    seed: int = 0
+    batch_size: int = 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"held_out": self.held_out} if self.held_out is not None else {}
@@ -42,6 +45,28 @@ class LabelledDataModule(LightningDataModule):
         """Samples per class name in ``split``."""
         counts = Counter(label for _, label in self.splits.get(split, []))
         return {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}
+
+    def trained_batches(self) -> int:
+        """Batches of the current training epoch trained so far (0 outside ``fit``)."""
+        if self.trainer is None or self.trainer.lightning_module is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
+
+    def world(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the trainer, ``(1, 0)`` without one."""
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
+    def shuffled_loader(self, dataset: Dataset, sample_seeds: bool = False, sampler: EpochShuffle | None = None,
+                        **kwargs: Any) -> ResumableLoader:
+        """The training loader: ``dataset`` in a per-epoch order from ``seed`` alone (or ``sampler``'s), sharded over
+        the trainer's ranks, that a resume from a mid-epoch checkpoint continues (:mod:`transfer_lit.data.order`);
+        ``batch_size`` batches, the last incomplete one dropped unless it is the only one."""
+        kwargs = {"batch_size": self.batch_size, "drop_last": len(dataset) > self.batch_size, **kwargs}  # type: ignore
+        if sampler is None:
+            sampler = EpochShuffle(len(dataset), *self.world(), self.seed, sample_seeds)  # type: ignore[arg-type]
+        if self.trainer is not None:  # a resumed run's first epoch: loader workers start before Lightning's set_epoch
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)  # type: ignore[attr-defined]
+        return ResumableLoader(dataset, sampler, self.trained_batches, **kwargs)
 
     def _loader(self, split: str, train: bool) -> DataLoader:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from transfer_lit.data.jpeg import JPEGDamage, decode_jpeg, draft_factor, draft_size, jpeg_damage
+from transfer_lit.data.order import seeded
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
@@ -275,7 +276,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any] | None:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, Any] | None:
+        """Sample ``index``; given ``(index, seed)`` (:class:`~transfer_lit.data.order.EpochShuffle`), its random
+        transform runs under torch's RNG seeded with ``seed``."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
         path, label = self.samples[index]
         try:
             image = self.loader(path)
@@ -284,7 +288,8 @@ class ImageDataset(Dataset):
                 self.skipped[index] = True
                 return None
             raise
-        return self.transform(image), (path if self.return_path else label)
+        with seeded(seed):
+            return self.transform(image), (path if self.return_path else label)
 
 
 def collate_skipping_bad(batch: list[Any]) -> Any:

@@ -221,9 +221,10 @@ class ImageDataModule(LabelledDataModule):
                                                 split, reader.describe())
             features = FeatureDataset(entry, self.splits[split])
             # Features are in memory already: worker processes would only add start-up and IPC cost.
-            return DataLoader(features, batch_size=self.batch_size, shuffle=train,
-                              drop_last=train and len(features) > self.batch_size,
-                              pin_memory=torch.cuda.is_available())
+            pin_memory = torch.cuda.is_available()
+            if train:
+                return self.shuffled_loader(features, pin_memory=pin_memory)
+            return DataLoader(features, batch_size=self.batch_size, pin_memory=pin_memory)
         return self._dataloader(images, shuffle=train, drop_last=train and len(images) > self.batch_size)
 
     def loader_workers(self) -> int:
@@ -236,16 +237,12 @@ class ImageDataModule(LabelledDataModule):
 
     def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.loader_workers()
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_skipping_bad,
-        )
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "drop_last": drop_last, "num_workers": workers,
+                  "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
+                  "collate_fn": collate_skipping_bad}
+        if shuffle:  # each image's random crop seeded by (seed, epoch, image): the same with any number of workers
+            return self.shuffled_loader(dataset, sample_seeds=True, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 image batch scaled and normalized with the checkpoint's mean and std, on its device."""

@@ -242,17 +242,17 @@ class TextDataModule(LabelledDataModule):
             entry = self.feature_cache.features(self.trainer, module, dataset, samples, self.resolved_preprocessing(),
                                                 kwargs, split, reader="text", files=_texts_fingerprint(samples))
             features = FeatureDataset(entry, samples)
-            return DataLoader(features, batch_size=self.batch_size, shuffle=train,
-                              drop_last=train and len(features) > self.batch_size)
+            return self.shuffled_loader(features) if train else DataLoader(features, batch_size=self.batch_size)
         common: dict[str, Any] = {
             "batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": self.collator(),
             "persistent_workers": self.num_workers > 0, "pin_memory": torch.cuda.is_available()}
-        if train and self.bucket_by_length:
-            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-            sampler = LengthBucketSampler(dataset.lengths(), self.batch_size, world, rank, self.seed,
-                                          drop_last=len(dataset) > self.batch_size * world)
-            return DataLoader(dataset, sampler=sampler, **common)
-        return DataLoader(dataset, shuffle=train, drop_last=train and len(dataset) > self.batch_size, **common)
+        if not train:
+            return DataLoader(dataset, **common)
+        world, rank = self.world()
+        sampler = (LengthBucketSampler(dataset.lengths(), self.batch_size, world, rank, self.seed,
+                                       drop_last=len(dataset) > self.batch_size * world)
+                   if self.bucket_by_length else None)
+        return self.shuffled_loader(dataset, sampler=sampler, **common)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_csv is None:

@@ -11,11 +11,13 @@ does not wrap it in one of its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
+
+from transfer_lit.data.order import EpochShuffle
 
 Encoded = dict[str, list[int]]
 
@@ -83,7 +85,7 @@ class TextCollator:
         return batch, targets
 
 
-class LengthBucketSampler(DistributedSampler):
+class LengthBucketSampler(EpochShuffle):
     """Indices in batches of similar length, shuffled per epoch, sharded over ``num_replicas`` ranks.
 
     Each epoch: a seeded permutation is cut into chunks of ``bucket_batches`` global batches
@@ -104,9 +106,8 @@ class LengthBucketSampler(DistributedSampler):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
                  bucket_batches: int = 50, drop_last: bool = False, shuffle: bool = True) -> None:
-        # Not DistributedSampler.__init__: it needs a process group, and this sampler is told its rank.
+        super().__init__(len(lengths), num_replicas, rank, seed)
         self.lengths, self.batch_size = list(lengths), batch_size
-        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         self.bucket_batches, self.drop_last, self.shuffle = bucket_batches, drop_last, shuffle
         global_batch = batch_size * num_replicas
         n = len(self.lengths)
@@ -133,10 +134,9 @@ class LengthBucketSampler(DistributedSampler):
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for batch in self.global_batches():
-            yield from batch[lo:hi]
+        return [index for batch in self.global_batches() for index in batch[lo:hi]]
 
     def __len__(self) -> int:
         return self.num_samples
