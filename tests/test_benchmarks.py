@@ -245,6 +245,7 @@ SST2 = HYMENOPTERA.parents[0] / "sst2"
 needs_sst2 = pytest.mark.skipif(not SST2.is_dir(), reason=f"{SST2} absent (../shared not here)")
 
 
+@pytest.mark.slow  # 1.5 min on a 2-core CPU: the text path's speed is also covered by test_text_batches
 @needs_sst2
 def test_text_throughput_smoke_prints_both_ratios(tmp_path: Path, text_model: Path) -> None:
     """A tiny BERT on 200 SST-2 phrases, a few steps: the two machine-readable last lines come out, positive."""
@@ -296,6 +297,7 @@ def test_ddp_thaw_ratio_is_the_ratio_of_the_arms_median_step_times(capsys: pytes
         script.parse_args(["--steps", "0"])
 
 
+@pytest.mark.slow  # two DDP ranks started twice; the thaw under DDP itself is in test_ddp
 def test_ddp_thaw_overhead_smoke_times_both_arms_on_two_ranks(capsys: pytest.CaptureFixture) -> None:
     """Two CPU ranks, one tiny fit per arm (~15 s here): the progressive arm really goes through the thawed sync."""
     summary = load_script("ddp_thaw_overhead").main(["--steps", "2", "--warmup", "1", "--repeats", "1",

@@ -136,6 +136,7 @@ def test_sigterm_stops_every_rank_at_one_step_saves_once_exits_143_and_resumes(
 # ----------------------------------------------------------------- item 19: exact resume under DDP
 
 
+@pytest.mark.slow  # the mid-epoch resume below checks the same (weights and each rank's batches) from further in
 def test_two_rank_resume_from_last_equals_the_uninterrupted_run_bitwise(images: Path, tmp_path: Path) -> None:
     """The straight run keeps its ``last.ckpt`` of epoch 1; a new run resumes from it. Rank 1 draws its own
     augmentations again only if the checkpoint holds (and restores) its own RNG state, not rank 0's."""
