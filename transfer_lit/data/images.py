@@ -237,9 +237,9 @@ class ImageDataModule(LabelledDataModule):
 
     def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.loader_workers()
-        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "drop_last": drop_last, "num_workers": workers,
-                  "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
-                  "collate_fn": collate_skipping_bad}
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size, "drop_last": drop_last, "collate_fn": collate_skipping_bad,
+            "num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
         if shuffle:  # each image's random crop seeded by (seed, epoch, image): the same with any number of workers
             return self.shuffled_loader(dataset, sample_seeds=True, **kwargs)
         return DataLoader(dataset, **kwargs)
