@@ -204,15 +204,15 @@ def _unidentified(data: bytes) -> str:
     """Why Pillow opened no format: a TIFF whose pixel layout it cannot decode is named as such."""
     if data[:4] not in (b"II*\x00", b"MM\x00*"):
         return "not an image file (Pillow cannot identify its format)"
-    tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" for a short file
-            file = io.BytesIO(data)
-            file.seek(tags.next)
-            tags.load(file)
+            directory = TiffImagePlugin.ImageFileDirectory_v2(data[:8])  # struct.error under 8 bytes
+            (file := io.BytesIO(data)).seek(directory.next)
+            directory.load(file)
+            tags: dict[int, Any] = dict(directory)
     except _DECODE_ERRORS:
-        pass
+        tags = {}
     photometric, bits = tags.get(262), tags.get(258)
     if photometric is None or bits is None:
         return "a TIFF whose header is cut short or damaged (Pillow cannot read its pixel layout)"
