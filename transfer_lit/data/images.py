@@ -225,7 +225,7 @@ class ImageDataModule(LabelledDataModule):
             if train:
                 return self.shuffled_loader(features, pin_memory=pin_memory)
             return DataLoader(features, batch_size=self.batch_size, pin_memory=pin_memory)
-        return self._dataloader(images, shuffle=train, drop_last=train and len(images) > self.batch_size)
+        return self._dataloader(images, shuffle=train)
 
     def loader_workers(self) -> int:
         """``num_workers``, or the default for this machine and the number of training processes on it."""
@@ -235,11 +235,13 @@ class ImageDataModule(LabelledDataModule):
             return default_num_workers()
         return default_num_workers(self.trainer.num_devices, self.trainer.strategy.root_device.type == "cuda")
 
-    def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _dataloader(self, dataset: Dataset, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
+        """Shuffled: the training loader (:meth:`shuffled_loader`; ``drop_last`` its rule unless given)."""
         workers = self.loader_workers()
         kwargs: dict[str, Any] = {
-            "batch_size": self.batch_size, "drop_last": drop_last, "collate_fn": collate_skipping_bad,
-            "num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
+            "batch_size": self.batch_size, "collate_fn": collate_skipping_bad, "num_workers": workers,
+            "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
+            **({} if drop_last is None else {"drop_last": drop_last})}
         if shuffle:  # each image's random crop seeded by (seed, epoch, image): the same with any number of workers
             return self.shuffled_loader(dataset, sample_seeds=True, **kwargs)
         return DataLoader(dataset, **kwargs)
