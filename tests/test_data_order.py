@@ -3,6 +3,9 @@ skipped to where a checkpoint stood; per-sample augmentation seeds (:mod:`transf
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from transfer_lit.data.order import EpochShuffle, ResumableLoader, sample_seed, seeded
@@ -38,15 +41,28 @@ def test_sample_seeds_follow_the_sample_not_its_rank_or_position() -> None:
     assert len(set(whole.values())) == 8 and whole[0] == sample_seed(1, 0, 0) != sample_seed(1, 1, 0)
 
 
+def _draw() -> tuple[float, float, float]:
+    return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def test_seeded_gives_the_callers_rng_back() -> None:
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    with seeded(123):
-        inside = torch.rand(2)
-    assert torch.equal(torch.rand(3), expected)  # the caller's stream did not move
-    with seeded(123):
-        assert torch.equal(torch.rand(2), inside)
+    """torch's, Python's and NumPy's streams alike (with a seed over NumPy's 32 bits)."""
+    _seed_all(0)
+    expected = _draw()
+    _seed_all(0)
+    with seeded(sample_seed(1, 2, 3)):
+        inside = _draw()
+    assert _draw() == expected  # the caller's streams did not move
+    with seeded(sample_seed(1, 2, 3)):
+        assert _draw() == inside
+    with seeded(sample_seed(1, 2, 4)):
+        assert all(a != b for a, b in zip(_draw(), inside, strict=True))
 
 
 def test_the_loader_state_is_the_epoch_and_its_trained_batches() -> None:

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import COLORS, TinyBackbone, make_image_folder
@@ -200,6 +201,55 @@ def test_loader_defaults(image_folder: Path) -> None:
         assert train.batch_size == 5 and train.drop_last and not val.drop_last
         assert isinstance(train.sampler, EpochShuffle) and train.sampler.sample_seeds  # resumable, seeded crops
         assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
+
+
+@pytest.mark.parametrize("distributed", [True, False])
+def test_the_training_data_are_sharded_unless_the_trainer_says_not(image_folder: Path, distributed: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of 2 reads half the training images; with ``trainer.use_distributed_sampler: false`` every rank reads
+    them all, as Lightning leaves a loader then (before: sharded anyway)."""
+    monkeypatch.setattr(Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(Trainer, "global_rank", property(lambda self: 1))
+    dm = ImageDataModule(root=str(image_folder), batch_size=6, num_workers=0, preprocessing=SMALL)
+    dm.trainer = Trainer(use_distributed_sampler=distributed, logger=False, enable_checkpointing=False)
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.num_replicas, sampler.rank, len(list(sampler))) == ((2, 1, 18) if distributed else (1, 0, 36))
+
+
+class NoisyImages(ImageDataModule):
+    """A user's own augmentation that draws from Python's ``random`` and NumPy, not torch: here only the draws."""
+
+    def train_transform(self, preprocessing: ImagePreprocessing, normalize: bool) -> Any:
+        return _draws
+
+
+def _draws(image: Any) -> torch.Tensor:
+    return torch.tensor([random.random(), float(np.random.rand())], dtype=torch.float64)
+
+
+def test_augmentations_of_ones_own_from_random_and_numpy_repeat_with_any_workers(image_folder: Path) -> None:
+    """Each image's transform runs under its own seed in torch, ``random`` and NumPy: the same draws whichever
+    process decodes it (before: a worker's stream, or the main process's), another epoch other draws; the main
+    process's streams are not moved by an image decoded in it."""
+    epochs = {}
+    for workers in (0, 2):
+        dm = NoisyImages(root=str(image_folder), batch_size=6, num_workers=workers, preprocessing=SMALL)
+        loader = dm.train_dataloader()
+        epochs[workers] = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            epochs[workers].append(torch.cat([x for x, _ in loader]))
+    assert epochs[0][0].shape == (36, 2)  # the subclass's transform: 36 training images, two draws each
+    assert torch.equal(epochs[0][0], epochs[2][0]) and torch.equal(epochs[0][1], epochs[2][1])
+    assert not torch.equal(epochs[0][0], epochs[0][1])
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    next(iter(NoisyImages(root=str(image_folder), batch_size=6, num_workers=0, preprocessing=SMALL)
+              .train_dataloader()))
+    assert (random.random(), np.random.rand()) == expected
 
 
 class PooledBatchNorm(TinyBackbone):

@@ -53,8 +53,11 @@ class LabelledDataModule(LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
 
     def world(self) -> tuple[int, int]:
-        """``(world size, global rank)`` of the trainer, ``(1, 0)`` without one."""
-        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        """``(world size, global rank)`` the training data are sharded over: the trainer's; ``(1, 0)`` without one,
+        or with ``trainer.use_distributed_sampler: false`` (every rank reads all of it, as Lightning has it then)."""
+        if self.trainer is None or not getattr(self.trainer._accelerator_connector, "use_distributed_sampler", True):
+            return (1, 0)
+        return self.trainer.world_size, self.trainer.global_rank
 
     def shuffled_loader(self, dataset: Dataset, sample_seeds: bool = False, sampler: EpochShuffle | None = None,
                         **kwargs: Any) -> ResumableLoader:

@@ -278,7 +278,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, Any] | None:
         """Sample ``index``; given ``(index, seed)`` (:class:`~transfer_lit.data.order.EpochShuffle`), its random
-        transform runs under torch's RNG seeded with ``seed``."""
+        transform runs under torch's, Python's and NumPy's RNGs seeded with ``seed``."""
         index, seed = index if isinstance(index, tuple) else (index, None)
         path, label = self.samples[index]
         try:

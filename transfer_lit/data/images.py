@@ -13,6 +13,7 @@ data always matches the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +210,7 @@ class ImageDataModule(LabelledDataModule):
                              "'binary' for two classes), or a data module of your own for multi-label data")
         cached = resolve_cache_features(self.cache_features, module, split, self.augment)
         normalize = cached or not self.normalize_on_device  # feature extraction feeds the backbone itself
-        transform = (build_train_transform(p, self.augment, normalize) if train and not cached
-                     else build_eval_transform(p, normalize))
+        transform = self.train_transform(p, normalize) if train and not cached else self.eval_transform(p, normalize)
         reader = ImageReader(p, self.reduced_decode, self.cache_dir)
         images = ImageDataset(self.splits[split], transform, self.bad_images, loader=reader)
         self.skipped.read(split, images)
@@ -226,6 +226,16 @@ class ImageDataModule(LabelledDataModule):
                 return self.shuffled_loader(features, pin_memory=pin_memory)
             return DataLoader(features, batch_size=self.batch_size, pin_memory=pin_memory)
         return self._dataloader(images, shuffle=train)
+
+    def train_transform(self, preprocessing: ImagePreprocessing, normalize: bool) -> Callable[[Any], torch.Tensor]:
+        """The training images' transform: override it for augmentation of your own. Each image's runs under a seed
+        of its own in torch, Python's ``random`` and NumPy, so a resumed run and any ``num_workers`` repeat it.
+        ``normalize``: end in a normalized float tensor; ``False``: a uint8 one (normalized on the device)."""
+        return build_train_transform(preprocessing, self.augment, normalize)
+
+    def eval_transform(self, preprocessing: ImagePreprocessing, normalize: bool) -> Callable[[Any], torch.Tensor]:
+        """The transform of validation, test and predict images (and of cached training features)."""
+        return build_eval_transform(preprocessing, normalize)
 
     def loader_workers(self) -> int:
         """``num_workers``, or the default for this machine and the number of training processes on it."""
@@ -276,7 +286,7 @@ class ImageDataModule(LabelledDataModule):
         if not files:
             raise ValueError(f"data.predict_root={self.predict_root!r} holds no images ({list(IMAGE_EXTENSIONS)})")
         p = self.resolved_preprocessing()
-        dataset = ImageDataset([(str(f), -1) for f in files], build_eval_transform(p, not self.normalize_on_device),
+        dataset = ImageDataset([(str(f), -1) for f in files], self.eval_transform(p, not self.normalize_on_device),
                                self.bad_images, return_path=True, loader=ImageReader(p, self.reduced_decode))
         self.skipped.read("predict", dataset)
         if self.trainer is None or self.trainer.is_global_zero:  # every rank lists the same files: report them once

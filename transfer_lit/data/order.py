@@ -14,17 +14,20 @@ from a new shuffle, with other crops: some images are seen twice that epoch, oth
   and the first iteration of that epoch skips them.
 
 Together with the RNG states :class:`~transfer_lit.callbacks.FaultTolerance` keeps in checkpoints, a run resumed
-mid-epoch ends with the weights of the run that was never stopped, bit for bit. Random transforms that draw from
-Python's ``random`` or NumPy instead of torch are not covered by :func:`sample_seed`.
+mid-epoch ends with the weights of the run that was never stopped, bit for bit. A sample's transform runs under its
+seed in torch, Python's ``random`` and NumPy's global RNG alike (:func:`seeded`), so augmentations of a user's own
+that draw from any of the three repeat too.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -39,14 +42,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
-    """Run the block with torch's CPU RNG seeded by ``seed`` and give the caller's RNG back afterwards (a no-op for
-    ``None``): the main process's stream (dropout, the next sample) is not moved by a sample decoded in it."""
+    """Run the block with torch's CPU RNG, Python's ``random`` and NumPy's global RNG seeded by ``seed``, and give the
+    caller's states back afterwards (a no-op for ``None``): the main process's streams (dropout, the next sample) are
+    not moved by a sample decoded in it."""
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFFFFFF)  # NumPy's legacy seed takes 32 bits
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class EpochShuffle(DistributedSampler):
