@@ -150,3 +150,24 @@ def test_bad_compare_options_are_one_message_before_any_fit(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # refused before the split or any fit
+
+
+def test_an_auroc_the_held_out_split_cannot_define_is_null_and_n_a(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A held-out test/ without a class: AUROC is undefined (NaN), so ``null`` in compare.json (strict JSON, not the
+    bare ``NaN`` Python writes) and ``n/a`` in the table; the other metrics are still numbers."""
+    images = make_image_folder(tmp_path / "images", {"train": 8, "val": 4, "test": 4})
+    for file in (images / "test" / "blue").iterdir():
+        file.unlink()
+    (images / "test" / "blue").rmdir()
+    main(["compare", "--data.root", str(images), "--strategies", "linear_probe", "--seeds", "1", "--epochs", "1",
+          "--recipe", f"linear_probe={recipe(tmp_path, 'linear_probe')}", "--output_dir", str(tmp_path / "a")])
+    capsys.readouterr()
+    text = (tmp_path / "a" / "compare.json").read_text()
+    probe = json.loads(text, parse_constant=lambda name: pytest.fail(f"compare.json holds {name}"))
+    probe = probe["strategies"]["linear_probe"]
+    assert probe["auroc_mean"] is None and probe["auroc_std"] is None
+    assert isinstance(probe["f1_mean"], float) and isinstance(probe["ece_mean"], float)
+    row = next(line for line in (tmp_path / "a" / "compare.md").read_text().splitlines()
+               if line.startswith("| linear_probe"))
+    assert row.split(" | ")[3] == "n/a"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -70,7 +71,7 @@ def held_out_split(root: Path, folder: Path, seed: int) -> Path:
 
 
 def fit_and_test(recipe: Path, root: Path, out: Path, seed: int, epochs: int, mult: float | None,
-                 scratch: bool, extra: list[str]) -> dict[str, float]:
+                 scratch: bool, extra: list[str]) -> dict[str, Any]:
     """One ``fit`` of ``recipe``, then ``test`` of its best-validation checkpoint on the held-out split."""
     from transfer_lit.cli import build_cli
 
@@ -88,20 +89,22 @@ def fit_and_test(recipe: Path, root: Path, out: Path, seed: int, epochs: int, mu
     selection = float(cli.trainer.checkpoint_callback.best_model_score or 0.0)  # type: ignore[union-attr]
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     metrics = cli.trainer.callback_metrics
-    result = {k: round(float(metrics[f"test_{k}"]), 4) for k in REPORTED if f"test_{k}" in metrics}
+    # An undefined metric (AUROC of a held-out split that lacks a class: NaN) is None: JSON's null, "n/a" in the table.
+    result = {k: round(v, 4) if math.isfinite(v := float(metrics[f"test_{k}"])) else None
+              for k in REPORTED if f"test_{k}" in metrics}
     return {**result, "selection_acc": round(selection, 4), "wall_s": round(wall, 1), "epochs": ran}
 
 
-def summarize(runs: dict[str, list[dict[str, float]]], mults: dict[str, float | None]) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict[str, Any]]], mults: dict[str, float | None]) -> dict[str, Any]:
     """Mean and std per strategy, and the pick (see the module's docstring)."""
     strategies: dict[str, Any] = {}
     for name, results in runs.items():
         row: dict[str, Any] = {}
         for key in (*REPORTED, "selection_acc"):
-            values = [r[key] for r in results if key in r]
-            if values:
-                row[f"{key}_mean"] = round(statistics.fmean(values), 4)
-                row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+            values = [r[key] for r in results if r.get(key) is not None]
+            if any(key in r for r in results):
+                row[f"{key}_mean"] = round(statistics.fmean(values), 4) if values else None
+                row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0 if values else None
         row["accuracy_mean"], row["accuracy_std"] = row.pop("acc_mean", None), row.pop("acc_std", None)
         row["wall_s"] = round(sum(r["wall_s"] for r in results) / len(results), 1)
         row["epochs_mean"] = round(statistics.fmean(r.get("epochs", 0) for r in results), 2)
@@ -120,13 +123,13 @@ def summarize(runs: dict[str, list[dict[str, float]]], mults: dict[str, float | 
 
 def write_outputs(summary: dict[str, Any], out: Path, recipe: Path, root: Path, epochs: int) -> None:
     """compare.json / .md / .png and best.yaml."""
-    (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "compare.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     head = "| strategy | held-out acc | macro F1 | AUROC | ECE | selection acc | backbone LR mult | wall s |"
     lines = [f"# compare: pick **{summary['pick']}** ({summary['why']})", "", head, "|---" * 8 + "|"]
     for name, r in summary["strategies"].items():
-        lines.append(f"| {name} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r.get('f1_mean', 0):.4f} | "
-                     f"{r.get('auroc_mean', 0):.4f} | {r.get('ece_mean', 0):.4f} | {r['selection_acc_mean']:.4f} | "
-                     f"{r['backbone_lr_mult']} | {r['wall_s']} |")
+        cells = ["n/a" if r.get(f"{k}_mean") is None else f"{r[f'{k}_mean']:.4f}" for k in ("f1", "auroc", "ece")]
+        lines.append(f"| {name} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {' | '.join(cells)} | "
+                     f"{r['selection_acc_mean']:.4f} | {r['backbone_lr_mult']} | {r['wall_s']} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     pick = summary["strategies"][summary["pick"]]
     # The winner's own config.yaml (seed 0): every fit argument given to compare is in it, not only the recipe's.
@@ -183,7 +186,7 @@ def compare(root: str, strategies: list[str], seeds: int = 3, epochs: int = 5,
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = held_out_split(Path(root), out / "split", seed=0)
-    runs: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     mults: dict[str, float | None] = {}
     search: dict[str, dict[str, float]] = {}
     searching = len(backbone_lr_mults) > 1
