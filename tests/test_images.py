@@ -291,6 +291,22 @@ def test_batch_size_one_with_batchnorm_on_batch_statistics_is_one_message_naming
     assert "valid: data.batch_size >= 2, or the backbone's BatchNorm in eval mode (model.bn_policy: frozen" in message
 
 
+def test_a_batch_of_one_left_by_skipped_images_names_the_skip_and_the_scan(tmp_path: Path) -> None:
+    """``data.batch_size: 2`` and one unreadable image: ``skip`` leaves its batch one image, which a BatchNorm over
+    pooled features cannot train on; the message says where the batch of one came from, not only the batch size."""
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1}, size=16)
+    next((root / "train" / "red").iterdir()).write_bytes(b"not an image")
+    data = ImageDataModule(root=str(root), batch_size=2, num_workers=0, bad_images="skip")
+    module = TransferModule(PooledBatchNorm(), num_classes=3)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError) as raised:
+        trainer.fit(module, datamodule=data)
+    message = user_error_message(raised.value)
+    assert message is not None and "training batch of one sample" in message
+    assert "unreadable images data.bad_images: skip leaves out of it" in message and "data.scan: true" in message
+
+
 # ----------------------------------------------------------------- errors name the key, the value, the fix
 
 

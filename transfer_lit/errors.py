@@ -96,7 +96,9 @@ def user_error_message(error: BaseException) -> str | None:
     if isinstance(error, ValueError) and str(error).startswith(_ONE_VALUE_PER_CHANNEL):
         return (f"a BatchNorm layer that trains on batch statistics got a training batch of one sample (torch: "
                 f"{error}); valid: data.batch_size >= 2, or the backbone's BatchNorm in eval mode (model.bn_policy: "
-                f"frozen, or model.mode: linear_probe); a head with BatchNorm needs batches of 2 or more in any mode")
+                f"frozen, or model.mode: linear_probe); a head with BatchNorm needs batches of 2 or more in any mode. "
+                f"A batch also shrinks by the unreadable images data.bad_images: skip leaves out of it: remove them "
+                f"(data.scan: true lists them all before training)")
     if isinstance(error, MisconfigurationException) or (isinstance(error, USER_ERRORS)
                                                          and raised_by_transfer_lit(error)):
         return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
