@@ -19,53 +19,18 @@ import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from transfer_lit.backbones.base import Backbone, BlockSpec
-from transfer_lit.backbones.weights import WeightsNotAvailableError, online
+from transfer_lit.backbones.weights import WeightsNotAvailableError
+from transfer_lit.hf_files import import_transformers, local_model_source
 from transfer_lit.preprocessing.text import TextPreprocessing, tokenizer_fingerprint
 
 Pooling = Literal["auto", "mean", "cls", "pooler", "max"]
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def import_transformers() -> ModuleType:
-    """``transformers``, or an ``ImportError`` that says how to install it."""
-    try:
-        import transformers
-    except ImportError as error:  # pragma: no cover - exercised without the extra
-        raise ImportError("text models need transformers: pip install 'transfer-lit[text]'") from error
-    return transformers
-
-
-def local_model_source(name: str, key: str = "model.backbone.model") -> Path:
-    """The local folder of model ``name``: ``name`` itself, its snapshot in the Hugging Face cache, or (online) a
-    fresh download. Offline and not cached: an immediate :class:`WeightsNotAvailableError` saying what to copy where.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"{key}={name!r}: no such folder (give a local model folder or a Hugging Face hub "
-                                f"name such as 'sentence-transformers/all-MiniLM-L6-v2')")
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        pass
-    if not online("https://huggingface.co"):
-        raise WeightsNotAvailableError(
-            f"{key}={name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the network is "
-            f"unreachable. On a machine with internet run `huggingface-cli download {name}` (or save the model and "
-            f"tokenizer with save_pretrained), copy the folder here (config.json, model.safetensors or "
-            f"pytorch_model.bin, and the tokenizer files: tokenizer.json or vocab.txt, tokenizer_config.json) and pass "
-            f"its path as {key}")
-    return Path(snapshot_download(name, etag_timeout=30))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

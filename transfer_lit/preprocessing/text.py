@@ -7,7 +7,8 @@ rule as images (:func:`~transfer_lit.preprocessing.resolve_preprocessing`), logg
 checkpoint, so ``predict`` after a reload tokenizes exactly as training did: :func:`load_tokenizer`
 refuses tokenizer files whose hash differs from the pinned one.
 
-``transformers`` is imported only inside :func:`load_tokenizer` (the optional ``[text]`` extra).
+``transformers`` is imported only inside :func:`load_tokenizer` (the optional ``[text]`` extra), through
+:mod:`transfer_lit.hf_files`, which finds the tokenizer's folder.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
+from transfer_lit.hf_files import cached_folder, import_transformers, local_model_source
 from transfer_lit.preprocessing.base import Preprocessing, register_preprocessing
 
 TruncationSide = Literal["right", "left"]
@@ -83,23 +84,9 @@ class TextPreprocessing(Preprocessing):
                             f"{type(inputs).__name__}; use transfer_lit.TextDataModule as the data")
 
 
-def tokenizer_folder(name: str) -> Path | None:
-    """The local folder holding tokenizer ``name``: the folder itself, or its snapshot in the Hugging Face cache
-    (``None`` when neither is there; never uses the network)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached, not a valid repo id, or huggingface_hub missing: nothing local
-        return None
-
-
 def tokenizer_fingerprint(name: str) -> str | None:
     """sha256 over the names and bytes of the tokenizer files (:data:`TOKENIZER_FILES`) of ``name``'s folder."""
-    folder = tokenizer_folder(name)
+    folder = cached_folder(name)
     if folder is None:
         return None
     digest = hashlib.sha256()
@@ -119,8 +106,6 @@ def load_tokenizer(preprocessing: TextPreprocessing) -> Any:
         ValueError: when the tokenizer's files hash differently from ``preprocessing.tokenizer_hash``.
         FileNotFoundError: when the tokenizer is neither a local folder nor in the local cache, offline.
     """
-    from transfer_lit.backbones.hf_text import import_transformers, local_model_source
-
     transformers = import_transformers()
     source = local_model_source(preprocessing.tokenizer, "model.preprocessing.tokenizer")
     actual = tokenizer_fingerprint(str(source))
