@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
@@ -70,6 +71,13 @@ class LabelledDataModule(LightningDataModule):
         if self.trainer is not None:  # a resumed run's first epoch: loader workers start before Lightning's set_epoch
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)  # type: ignore[attr-defined]
         return ResumableLoader(dataset, sampler, self.trained_batches, **kwargs)
+
+    @staticmethod
+    def ordered_loader(dataset: Dataset, **kwargs: Any) -> DataLoader:
+        """A validation / test / predict loader, in order, with its own generator for the workers' base seed:
+        starting it takes no number from the global RNG, whose stream (dropout) then goes on alike with any
+        ``num_workers`` (a loader without persistent workers draws one at every start)."""
+        return DataLoader(dataset, **{"generator": torch.Generator(), **kwargs})
 
     def _loader(self, split: str, train: bool) -> DataLoader:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -224,7 +224,7 @@ class ImageDataModule(LabelledDataModule):
             pin_memory = torch.cuda.is_available()
             if train:
                 return self.shuffled_loader(features, pin_memory=pin_memory)
-            return DataLoader(features, batch_size=self.batch_size, pin_memory=pin_memory)
+            return self.ordered_loader(features, batch_size=self.batch_size, pin_memory=pin_memory)
         return self._dataloader(images, shuffle=train)
 
     def train_transform(self, preprocessing: ImagePreprocessing, normalize: bool) -> Callable[[Any], torch.Tensor]:
@@ -254,7 +254,7 @@ class ImageDataModule(LabelledDataModule):
             **({} if drop_last is None else {"drop_last": drop_last})}
         if shuffle:  # each image's random crop seeded by (seed, epoch, image): the same with any number of workers
             return self.shuffled_loader(dataset, sample_seeds=True, **kwargs)
-        return DataLoader(dataset, **kwargs)
+        return self.ordered_loader(dataset, **kwargs)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 image batch scaled and normalized with the checkpoint's mean and std, on its device."""

@@ -242,12 +242,13 @@ class TextDataModule(LabelledDataModule):
             entry = self.feature_cache.features(self.trainer, module, dataset, samples, self.resolved_preprocessing(),
                                                 kwargs, split, reader="text", files=_texts_fingerprint(samples))
             features = FeatureDataset(entry, samples)
-            return self.shuffled_loader(features) if train else DataLoader(features, batch_size=self.batch_size)
+            return (self.shuffled_loader(features) if train
+                    else self.ordered_loader(features, batch_size=self.batch_size))
         common: dict[str, Any] = {
             "batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": self.collator(),
             "persistent_workers": self.num_workers > 0, "pin_memory": torch.cuda.is_available()}
         if not train:
-            return DataLoader(dataset, **common)
+            return self.ordered_loader(dataset, **common)
         world, rank = self.world()
         sampler = (LengthBucketSampler(dataset.lengths(), self.batch_size, world, rank, self.seed,
                                        drop_last=len(dataset) > self.batch_size * world)
@@ -261,7 +262,7 @@ class TextDataModule(LabelledDataModule):
         rows = check_texts([(t, "?", w) for t, _, w in rows], self.bad_texts, "predict")
         texts = [t for t, _, _ in rows]
         dataset = self.dataset(f"predict:{self.predict_csv}", texts, texts)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+        return self.ordered_loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                           collate_fn=self.collator())
 
 
