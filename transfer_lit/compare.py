@@ -104,7 +104,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], mults: dict[str, float | No
             values = [r[key] for r in results if r.get(key) is not None]
             if any(key in r for r in results):
                 row[f"{key}_mean"] = round(statistics.fmean(values), 4) if values else None
-                row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0 if values else None
+                row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else (0.0 if values else None)
         row["accuracy_mean"], row["accuracy_std"] = row.pop("acc_mean", None), row.pop("acc_std", None)
         row["wall_s"] = round(sum(r["wall_s"] for r in results) / len(results), 1)
         row["epochs_mean"] = round(statistics.fmean(r.get("epochs", 0) for r in results), 2)
