@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 _MASK = (1 << 63) - 1
 
@@ -40,24 +40,34 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((mixed * 0xBF58476D1CE4E5B9 + index) * 0x94D049BB133111EB) & _MASK
 
 
+def _seed_all(seed: int) -> None:
+    # torch's CPU generator only: torch.manual_seed would also reseed every CUDA device (and costs 100x more).
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)  # NumPy's legacy seed takes 32 bits
+
+
 @contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """Run the block with torch's CPU RNG, Python's ``random`` and NumPy's global RNG seeded by ``seed``, and give the
     caller's states back afterwards (a no-op for ``None``): the main process's streams (dropout, the next sample) are
-    not moved by a sample decoded in it."""
+    not moved by a sample decoded in it. A loader worker's streams serve only its samples, each seeded anew: there
+    the states are not saved (once per image, that would cost more than the seeding)."""
     if seed is None:
         yield
         return
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    if get_worker_info() is not None:
+        _seed_all(seed)
+        yield
+        return
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed & 0xFFFFFFFF)  # NumPy's legacy seed takes 32 bits
-            yield
+        _seed_all(seed)
+        yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
 
 
 class EpochShuffle(DistributedSampler):

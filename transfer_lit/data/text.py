@@ -263,7 +263,7 @@ class TextDataModule(LabelledDataModule):
         texts = [t for t, _, _ in rows]
         dataset = self.dataset(f"predict:{self.predict_csv}", texts, texts)
         return self.ordered_loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=self.collator())
+                                   collate_fn=self.collator())
 
 
 class _Tokenize:
